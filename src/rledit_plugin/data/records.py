@@ -1,0 +1,156 @@
+"""One record type for every dataset format, and teacher-forced tokenisation.
+
+An :class:`EditRecord` is one fact to write into the model: the edit prompt and
+its new answer, the old (true) answer when known, paraphrases that should now
+give the new answer, and unrelated (locality) prompts whose answers must not
+change.  Every loader in :mod:`rledit_plugin.data.formats` produces these.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class RecordError(ValueError):
+    """Malformed input: names the file, the record index and the field."""
+
+    def __init__(self, message: str, *, file: Optional[str] = None,
+                 index: Optional[int] = None, field: Optional[str] = None):
+        where = []
+        if file is not None:
+            where.append(f"file {file!s}")
+        if index is not None:
+            where.append(f"record {index}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.file, self.index, self.field = file, index, field
+
+
+@dataclass
+class EditRecord:
+    prompt: str
+    target_new: str
+    target_true: Optional[str] = None
+    subject: Optional[str] = None
+    paraphrases: List[str] = field(default_factory=list)
+    locality_prompts: List[str] = field(default_factory=list)
+    locality_answers: List[str] = field(default_factory=list)
+    portability: Optional[Dict[str, Any]] = None
+    uid: Optional[str] = None
+
+    def validate(self, *, file: Optional[str] = None, index: Optional[int] = None) -> "EditRecord":
+        """Raise :class:`RecordError` unless every field has a usable value."""
+        for name in ("prompt", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise RecordError(f"expected a string, got {type(value).__name__}",
+                                  file=file, index=index, field=name)
+            if not value.strip():
+                raise RecordError("is empty or whitespace", file=file, index=index, field=name)
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise RecordError(f"expected a string, got {type(self.target_true).__name__}",
+                              file=file, index=index, field="target_true")
+        for name in ("paraphrases", "locality_prompts", "locality_answers"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RecordError("expected a list of strings", file=file, index=index, field=name)
+        if len(self.locality_prompts) != len(self.locality_answers):
+            raise RecordError(
+                f"{len(self.locality_prompts)} locality prompts but {len(self.locality_answers)} answers",
+                file=file, index=index, field="locality_answers")
+        if any(not a.strip() for a in self.locality_answers):
+            raise RecordError("a locality answer is empty", file=file, index=index,
+                              field="locality_answers")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "EditRecord":
+        return cls(**d)
+
+
+def _answer_ids(tok, answer: str) -> List[int]:
+    """Token ids of ``" " + answer`` as they appear after a prompt (no special tokens)."""
+    return tok(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+
+
+def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
+                            max_length: int = 128, device=None) -> Dict[str, torch.Tensor]:
+    """Batch ``prompt + " " + answer`` with labels only on the answer tokens.
+
+    Prompt and answer are tokenised separately and concatenated so the label
+    boundary is exact whatever the tokenizer merges.  Right padding; when a
+    sequence is longer than ``max_length`` the prompt is cut from the left so
+    the answer is never lost.  ``labels`` are aligned with ``input_ids``
+    (Hugging Face convention: the model shifts them).
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    rows, labels = [], []
+    for prompt, answer in zip(prompts, answers):
+        p = tok(prompt.rstrip(), add_special_tokens=True)["input_ids"]
+        a = _answer_ids(tok, answer)
+        if not a:
+            raise ValueError(f"answer {answer!r} tokenises to nothing")
+        a = a[:max_length - 1]
+        p = p[-(max_length - len(a)):]
+        rows.append(p + a)
+        labels.append([IGNORE_INDEX] * len(p) + a)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        attention[i, :len(r)] = 1
+        label_t[i, :len(l)] = torch.tensor(l)
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": label_t}
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (B, L) of the positions whose *output* predicts an answer token.
+
+    Position ``j`` predicts token ``j + 1``, so the mask is the labels mask
+    shifted left by one.  Keys and value-gradients are read at these positions.
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def edit_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
+    """Teacher-forced batch of the edit prompts with their new targets."""
+    return tokenize_teacher_forced(tok, [r.prompt for r in records],
+                                   [r.target_new for r in records], max_length, device)
+
+
+def paraphrase_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
+    """Every paraphrase of every record, answered with the new target (None if there are none)."""
+    prompts = [p for r in records for p in r.paraphrases]
+    answers = [r.target_new for r in records for _ in r.paraphrases]
+    if not prompts:
+        return None
+    return tokenize_teacher_forced(tok, prompts, answers, max_length, device)
+
+
+def locality_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
+    """Every locality prompt with its gold answer (None if there are none)."""
+    prompts = [p for r in records for p in r.locality_prompts]
+    answers = [a for r in records for a in r.locality_answers]
+    if not prompts:
+        return None
+    return tokenize_teacher_forced(tok, prompts, answers, max_length, device)

@@ -1,0 +1,169 @@
+"""Hyperparameters as small dataclasses loaded from EasyEdit-style YAML.
+
+``RLEditHyperParams.from_hparams('hparams/RLEdit/tiny.yaml')`` reads the file,
+turns scientific-notation strings into floats (PyYAML reads ``1e-4`` as a
+string), and refuses unknown keys with the closest known name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+
+class HParamsError(ValueError):
+    pass
+
+
+def _to_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+@dataclass
+class _YamlParams:
+    """Base: from_hparams / from_json / from_dict / to_dict with strict keys."""
+
+    @classmethod
+    def from_dict(cls, config: Dict[str, Any], source: str = "<dict>"):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [k for k in config if k not in names]
+        if unknown:
+            key = unknown[0]
+            near = difflib.get_close_matches(key, list(names), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise HParamsError(f"{source}: unknown key '{key}'{hint} for {cls.__name__}")
+        kwargs = {}
+        for key, value in config.items():
+            ftype = str(names[key].type)
+            if "float" in ftype and isinstance(value, (str, int)) and not isinstance(value, bool):
+                converted = _to_number(value)
+                if isinstance(converted, str):
+                    raise HParamsError(f"{source}: key '{key}' must be a number, got {value!r}")
+                value = float(converted)
+            kwargs[key] = value
+        obj = cls(**kwargs)
+        obj.validate(source)
+        return obj
+
+    @classmethod
+    def from_hparams(cls, path: Union[str, os.PathLike]):
+        path = str(path)
+        if not path.endswith((".yaml", ".yml")) and not os.path.exists(path):
+            path = path + ".yaml"
+        try:
+            with open(path) as f:
+                config = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise HParamsError(f"hparams file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise HParamsError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(config, dict):
+            raise HParamsError(f"{path}: expected a mapping of keys to values")
+        return cls.from_dict(config, source=path)
+
+    @classmethod
+    def from_json(cls, path: Union[str, os.PathLike]):
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=str(path))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, source: str = "<hparams>") -> None:
+        pass
+
+
+@dataclass
+class RLEditHyperParams(_YamlParams):
+    """Editing-time hyperparameters (what ``BaseEditor`` and ``rledit edit`` read)."""
+
+    # EasyEdit fields
+    alg_name: str = "RLEdit"
+    model_name: str = ""
+    device: Union[int, str] = "cpu"
+    model_parallel: bool = False
+    max_length: int = 64
+    batch_size: int = 20
+    # which weights change; empty = the family default (models.default_edit_modules)
+    inner_params: List[str] = field(default_factory=list)
+    # trained hypernetwork (safetensors + JSON directory); None = untrained
+    archive: Optional[str] = None
+    # hypernetwork architecture
+    rank: int = 1024
+    n_blocks: int = 4
+    init_lr: float = 1e-6
+    init_lam: float = 0.0
+    norm_eps: float = 1e-5
+    # normaliser keeps updating at test time ("lifelong normalisation")
+    lifelong_norm: bool = True
+    # records per forward/backward when capturing keys and value-gradients
+    edit_minibatch: int = 20
+    # weight update: kernel path and bf16/fp16 accumulation ("none" | "fp32")
+    kernel_path: str = "auto"
+    accumulate: str = "none"
+    torch_dtype: str = "float32"
+    seed: int = 0
+
+    def validate(self, source: str = "<hparams>") -> None:
+        if self.alg_name.lower() != "rledit":
+            raise HParamsError(f"{source}: alg_name must be 'RLEdit', got '{self.alg_name}'")
+        self.inner_params = [p[:-len(".weight")] if p.endswith(".weight") else p
+                             for p in (self.inner_params or [])]
+        for key in ("rank", "n_blocks", "max_length", "batch_size", "edit_minibatch"):
+            if int(getattr(self, key)) < 1:
+                raise HParamsError(f"{source}: key '{key}' must be >= 1")
+        if self.accumulate not in ("none", "fp32"):
+            raise HParamsError(f"{source}: key 'accumulate' must be 'none' or 'fp32'")
+        if self.kernel_path not in ("auto", "torch", "triton"):
+            raise HParamsError(f"{source}: key 'kernel_path' must be auto, torch or triton")
+        if self.torch_dtype not in ("float32", "bfloat16", "float16"):
+            raise HParamsError(f"{source}: key 'torch_dtype' must be float32, bfloat16 or float16")
+
+
+@dataclass
+class RLEditTrainingHyperParams(RLEditHyperParams):
+    """Sequence-level hypernetwork training (rledit-algorithm.md section 5)."""
+
+    train_data: Optional[str] = None
+    val_data: Optional[str] = None
+    results_dir: str = "results"
+    n_edits: int = 20            # records per edit batch
+    traj_len: int = 20           # T: edit batches per trajectory
+    n_trajectories: int = 1
+    steps_per_trajectory: int = 1  # optimiser steps; the reference takes 1 in total
+    meta_lr: float = 1e-5
+    loc_coef: float = 0.6
+    reg_coef: float = 1e-4
+    reg_mode: str = "paper"      # "paper": real gradient; "reference": inert as in the reference code
+    time_decay: float = 0.95
+    back_depth: int = 10
+    max_grad_norm: float = 1.0
+    loss_minibatch: int = 64     # prompts per forward/backward of the losses
+    n_val: int = 100             # held-out records scored after each trajectory
+    keep_best: bool = True
+
+    def validate(self, source: str = "<hparams>") -> None:
+        super().validate(source)
+        if self.reg_mode not in ("paper", "reference"):
+            raise HParamsError(f"{source}: key 'reg_mode' must be 'paper' or 'reference'")
+        for key in ("n_edits", "traj_len", "n_trajectories", "steps_per_trajectory",
+                    "back_depth", "loss_minibatch"):
+            if int(getattr(self, key)) < 1:
+                raise HParamsError(f"{source}: key '{key}' must be >= 1")
+        if not 0.0 < self.time_decay <= 1.0:
+            raise HParamsError(f"{source}: key 'time_decay' must be in (0, 1]")
+
+    def editing(self) -> RLEditHyperParams:
+        """The editing-time subset (what an archive records)."""
+        names = {f.name for f in dataclasses.fields(RLEditHyperParams)}
+        return RLEditHyperParams(**{k: v for k, v in self.to_dict().items() if k in names})

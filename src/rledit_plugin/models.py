@@ -1,0 +1,109 @@
+"""Model plumbing: find edited modules, know their weight layout, pick defaults.
+
+Two layouts exist.  ``nn.Linear`` stores its weight ``(d_out, d_in)``; GPT-2's
+``Conv1D`` stores it ``(d_in, d_out)``.  Everything above this module speaks
+``d_in x d_out`` and asks :func:`weight_view` for the orientation.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+try:  # transformers keeps Conv1D here in 4.x and 5.x
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = ()
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``; a clear error lists near matches otherwise."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        tail = name.split(".")[-1]
+        near = [n for n, _ in model.named_modules() if n.endswith(tail)][:6]
+        raise KeyError(f"model has no module '{name}'" +
+                       (f"; modules ending in '{tail}': {near}" if near else "")) from None
+
+
+def io_dims(module: nn.Module) -> Tuple[int, int]:
+    """``(d_in, d_out)`` of an editable linear map."""
+    w = module.weight
+    if is_conv1d(module):
+        return int(w.shape[0]), int(w.shape[1])
+    if isinstance(module, nn.Linear):
+        return int(w.shape[1]), int(w.shape[0])
+    raise TypeError(f"cannot edit {type(module).__name__}: only nn.Linear and GPT-2 Conv1D")
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True when the stored weight is ``(d_out, d_in)`` (``nn.Linear``)."""
+    return not is_conv1d(module)
+
+
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(d_out, d_in)`` (a view, no copy)."""
+    w = module.weight
+    return w.t() if is_conv1d(module) else w
+
+
+# Upper-middle MLP projections, after rledit-algorithm.md section 1.
+_FAMILY_PATTERNS: Dict[str, Tuple[str, Sequence[str]]] = {
+    "gpt2": ("transformer.h.{i}.mlp", ("c_fc", "c_proj")),
+    "gptj": ("transformer.h.{i}.mlp", ("fc_in", "fc_out")),
+    "llama": ("model.layers.{i}.mlp", ("gate_proj", "up_proj")),
+    "mistral": ("model.layers.{i}.mlp", ("down_proj",)),
+    "gemma2": ("model.layers.{i}.mlp", ("gate_proj", "up_proj")),
+    "qwen2": ("model.layers.{i}.mlp", ("gate_proj", "up_proj")),
+}
+
+
+def model_family(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", "unknown"))
+
+
+def num_layers(model: nn.Module) -> int:
+    cfg = model.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    raise ValueError("cannot tell the number of layers from the model config")
+
+
+def default_edit_modules(model: nn.Module, n_layers: int | None = None) -> List[str]:
+    """Default edited modules: MLP projections of the upper-middle third of the stack."""
+    family = model_family(model)
+    if family not in _FAMILY_PATTERNS:
+        raise ValueError(f"no default edit modules for model type '{family}'; "
+                         "list them in the hparams (inner_params)")
+    prefix, names = _FAMILY_PATTERNS[family]
+    total = num_layers(model)
+    count = n_layers or max(1, total // 3)
+    start = max(0, (2 * total) // 3 - count)
+    start = min(start, total - count)
+    layers = range(start, start + count)
+    return [f"{prefix.format(i=i)}.{n}" for i in layers for n in names]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def resolve_device(device) -> torch.device:
+    """Accept EasyEdit's ``device: 0`` as well as ``'cpu'``/``'cuda:1'``; fall back to CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
+        return torch.device(f"cuda:{int(device)}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return dev
