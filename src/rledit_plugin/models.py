@@ -107,3 +107,28 @@ def resolve_device(device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         return torch.device("cpu")
     return dev
+
+
+EMBEDDED_PREFIX = "embedded"
+
+
+def load_model_and_tokenizer(name: str, device="cpu", torch_dtype: str = "float32", cache_dir=None):
+    """A causal LM and its tokenizer by hub name, local path, or ``embedded[-gpt2|-llama]``.
+
+    ``embedded-tiny-gpt2`` / ``embedded-tiny-llama`` is the offline default: the
+    synthetic world's tiny LM, pre-trained once and cached on disk.
+    """
+    dtype = getattr(torch, torch_dtype)
+    if name.startswith(EMBEDDED_PREFIX):
+        from .world import build_world, load_or_train_tiny_lm
+        arch = "llama" if "llama" in name else "gpt2"
+        model, tok, _ = load_or_train_tiny_lm(build_world(), arch=arch, cache_dir=cache_dir)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = model.to(device=resolve_device(device), dtype=dtype)
+    model.eval()
+    return model, tok

@@ -1,0 +1,184 @@
+"""``rledit`` command line: world | train | edit | demo | compare | export-lora."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+REPO_HPARAMS = Path(__file__).resolve().parents[2] / "hparams"
+
+
+def _default_hparams(rel: str) -> str:
+    path = REPO_HPARAMS / rel
+    if not path.exists():
+        raise SystemExit(f"default hparams {path} not found: pass --hparams explicitly")
+    return str(path)
+
+
+def _set_threads() -> None:
+    import torch
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+# -- world ------------------------------------------------------------------
+def cmd_world(args) -> int:
+    from .world import WorldConfig, build_world, write_world_files
+    world = build_world(WorldConfig(seed=args.seed))
+    paths = write_world_files(world, args.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+# -- train ------------------------------------------------------------------
+def _train_records(hp, world_records, path_attr: str):
+    from .data.formats import load_records
+    path = getattr(hp, path_attr)
+    return load_records(path) if path else world_records
+
+
+def cmd_train(args) -> int:
+    from .core.trainer import train_hypernetwork
+    from .hparams import RLEditTrainingHyperParams
+    from .models import load_model_and_tokenizer
+    from .world import build_world
+    hp = RLEditTrainingHyperParams.from_hparams(args.hparams or _default_hparams("TRAINING/RLEdit/tiny.yaml"))
+    for key in ("train_data", "val_data", "results_dir", "n_trajectories"):
+        if getattr(args, key, None) is not None:
+            setattr(hp, key, getattr(args, key))
+    model, tok = load_model_and_tokenizer(hp.model_name, hp.device, hp.torch_dtype)
+    world = build_world() if not (hp.train_data and hp.val_data) else None
+    train = _train_records(hp, world.train_records if world else None, "train_data")
+    val = _train_records(hp, world.val_records if world else None, "val_data")
+    start = time.perf_counter()
+    _, history = train_hypernetwork(model, tok, hp, train, val)
+    print(json.dumps({"archive": hp.results_dir, "seconds": round(time.perf_counter() - start, 1),
+                      "final": history[-1]}, indent=2))
+    return 0
+
+
+# -- edit -------------------------------------------------------------------
+def run_edit_stream(hp, records, turns: int, batch: int, out: str, curve_every: Optional[int],
+                    name: str = "RLEdit", model=None, tok=None, heldout=None):
+    """Lifelong stream of RLEdit edits scored by the harness; writes JSON, table and plot."""
+    from .core.editor import RLEditor
+    from .evaluation import run_stream, write_report
+    from .models import load_model_and_tokenizer
+    if model is None:
+        model, tok = load_model_and_tokenizer(hp.model_name, hp.device, hp.torch_dtype)
+    editor = RLEditor(model, tok, hp, keep_journal=False)
+    result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
+                        curve_every=curve_every, heldout_texts=heldout,
+                        config={"method": name, "hparams": hp.to_dict()})
+    paths = write_report({name: result}, out, "edit")
+    return result, paths
+
+
+def cmd_edit(args) -> int:
+    from .data.formats import load_records
+    from .hparams import RLEditHyperParams
+    from .world import build_world
+    hp = RLEditHyperParams.from_hparams(args.hparams or _default_hparams("RLEdit/tiny.yaml"))
+    if args.archive:
+        hp.archive = args.archive
+    if not hp.archive:
+        logging.warning("no archive given: editing with an UNTRAINED hypernetwork")
+    world = None if args.data else build_world()
+    records = load_records(args.data, format=args.format) if args.data else world.eval_records
+    heldout = world.heldout_texts() if world is not None and hasattr(world, "heldout_texts") else None
+    result, paths = run_edit_stream(hp, records, args.turns, args.batch, args.out, args.curve_every,
+                                    heldout=heldout)
+    print(json.dumps({"post": result["post"], "files": paths}, indent=2, default=str))
+    return 0
+
+
+# -- demo -------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    """world -> tiny LM -> train the hypernetwork -> lifelong stream -> table + plot."""
+    from .core.trainer import train_hypernetwork
+    from .evaluation import markdown_table
+    from .hparams import RLEditTrainingHyperParams
+    from .models import load_model_and_tokenizer
+    from .world import build_world, write_world_files
+    _set_threads()
+    out = Path(args.out)
+    start = time.perf_counter()
+    world = build_world()
+    write_world_files(world, out / "world")
+    hp = RLEditTrainingHyperParams.from_hparams(args.hparams or _default_hparams("TRAINING/RLEdit/tiny.yaml"))
+    hp.results_dir = str(out / "archive")
+    turns, batch = (20, 20) if args.quick else (args.turns, args.batch)
+    if args.quick:
+        hp.n_trajectories = max(1, hp.n_trajectories // 4)
+    print(f"[demo] tiny LM ({hp.model_name}) ...", flush=True)
+    model, tok = load_model_and_tokenizer(hp.model_name, hp.device, hp.torch_dtype)
+    print(f"[demo] training the hypernetwork: {hp.n_trajectories} trajectories x {hp.traj_len} "
+          f"batches x {hp.n_edits} edits ...", flush=True)
+    _, history = train_hypernetwork(model, tok, hp, world.train_records, world.val_records)
+    edit_hp = hp.editing()
+    edit_hp.archive = hp.results_dir
+    print(f"[demo] lifelong stream: {turns} turns x {batch} held-out edits ...", flush=True)
+    result, paths = run_edit_stream(edit_hp, world.eval_records, turns, batch, str(out), max(1, turns // 10),
+                                    model=model, tok=tok, heldout=world.heldout_texts())
+    print(markdown_table({"RLEdit": result}))
+    summary = {"seconds_total": round(time.perf_counter() - start, 1), "edits": result["edits"],
+               "post": result["post"], "files": paths, "training": history[-1]}
+    with open(out / "demo_summary.json", "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rledit", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("world", help="write the synthetic world's datasets")
+    w.add_argument("--out", required=True)
+    w.add_argument("--seed", type=int, default=0)
+    w.set_defaults(func=cmd_world)
+
+    t = sub.add_parser("train", help="train the hypernetwork (sequence level)")
+    t.add_argument("--hparams", help="training YAML (default hparams/TRAINING/RLEdit/tiny.yaml)")
+    t.add_argument("--train-data", dest="train_data")
+    t.add_argument("--val-data", dest="val_data")
+    t.add_argument("--results-dir", dest="results_dir")
+    t.add_argument("--trajectories", dest="n_trajectories", type=int)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("edit", help="lifelong editing stream, scored")
+    e.add_argument("--hparams", help="editing YAML (default hparams/RLEdit/tiny.yaml)")
+    e.add_argument("--archive", help="trained hypernetwork directory")
+    e.add_argument("--data", help="records file (default: the embedded eval split)")
+    e.add_argument("--format", default="auto")
+    e.add_argument("--turns", type=int, default=100)
+    e.add_argument("--batch", type=int, default=20)
+    e.add_argument("--curve-every", dest="curve_every", type=int, default=10)
+    e.add_argument("--out", default="runs/edit")
+    e.set_defaults(func=cmd_edit)
+
+    d = sub.add_parser("demo", help="the embedded default end to end")
+    d.add_argument("--quick", action="store_true", help="shorter training and a 20 x 20 stream")
+    d.add_argument("--hparams", help="training YAML (default hparams/TRAINING/RLEdit/tiny.yaml)")
+    d.add_argument("--turns", type=int, default=100)
+    d.add_argument("--batch", type=int, default=20)
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

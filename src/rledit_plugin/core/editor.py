@@ -1,0 +1,163 @@
+"""Lifelong editing: capture -> hypernetwork -> ridge solve -> low-rank update.
+
+For every incoming batch of records the editor captures keys ``K`` and
+value-gradients ``G`` on the current (already edited) model, lets the
+hypernetwork turn them into value changes ``D``, solves the ridge problem in
+its dual form ``C = (K K^T + e^lam I)^-1 D`` and adds ``dW = K^T C`` to each
+edited weight as an in-place rank-``N`` update.  Edits are never reverted
+unless asked: :meth:`rollback` and :meth:`restore` use the pristine copy of the
+edited modules (the rest of the model never changes) and the exact journal of
+applied factors.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..data.records import EditRecord, edit_batch
+from ..hparams import RLEditHyperParams
+from ..kernels import apply_low_rank_, make_residual
+from ..models import default_edit_modules, get_module, io_dims, model_device, weight_view
+from .capture import Capture, capture
+from .hypernet import HyperNetwork
+from .solve import ridge_dual
+
+
+@dataclass
+class Update:
+    """One edit batch's low-rank update: ``dW[name] = keys[name]^T @ coeffs[name]``."""
+    keys: Dict[str, torch.Tensor]     # (N, d_in)
+    coeffs: Dict[str, torch.Tensor]   # (N, d_out)
+    capture: Optional[Capture] = None
+    values: Dict[str, torch.Tensor] = field(default_factory=dict)  # D, (N, d_out)
+
+
+def edit_module_names(model: nn.Module, hparams: RLEditHyperParams) -> List[str]:
+    return list(hparams.inner_params) or default_edit_modules(model)
+
+
+def build_hypernetwork(model: nn.Module, hparams: RLEditHyperParams) -> HyperNetwork:
+    shapes = {name: io_dims(get_module(model, name)) for name in edit_module_names(model, hparams)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hparams.seed)
+        net = HyperNetwork(shapes, rank=hparams.rank, n_blocks=hparams.n_blocks,
+                           init_lr=hparams.init_lr, init_lam=hparams.init_lam, eps=hparams.norm_eps)
+    return net.to(model_device(model))
+
+
+class RLEditor:
+    """Edits ``model`` in place, one batch of records after another."""
+
+    def __init__(self, model: nn.Module, tok, hparams: RLEditHyperParams,
+                 hypernet: Optional[HyperNetwork] = None, keep_journal: bool = True):
+        self.model, self.tok, self.hparams = model, tok, hparams
+        names = edit_module_names(model, hparams)
+        self.modules: Dict[str, nn.Module] = {n: get_module(model, n) for n in names}
+        if hypernet is None and hparams.archive:
+            from .archive import load_archive
+            hypernet = load_archive(hparams.archive, model, expect_modules=names)
+        self.hypernet = hypernet if hypernet is not None else build_hypernetwork(model, hparams)
+        if sorted(self.hypernet.module_names) != sorted(names):
+            raise ValueError(f"hypernetwork edits {sorted(self.hypernet.module_names)} "
+                             f"but the hparams ask for {sorted(names)}")
+        self.hypernet.to(model_device(model)).requires_grad_(False)
+        self.keep_journal = keep_journal
+        self.journal: List[Update] = []
+        self._pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
+        self._pristine_norm = copy.deepcopy(self.hypernet.norm_state())
+        self._norm_history: List[dict] = []
+        self._residuals = {n: make_residual(m.weight, hparams.accumulate) for n, m in self.modules.items()}
+
+    # -- the algorithm -------------------------------------------------
+    @property
+    def edited_param_names(self) -> List[str]:
+        return [f"{n}.weight" for n in self.modules]
+
+    def compute_update(self, records: Sequence[EditRecord], update_norm: Optional[bool] = None) -> Update:
+        """Capture on the current model and predict the low-rank update (no weight change)."""
+        if not records:
+            raise ValueError("no records to edit")
+        hp = self.hparams
+        batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
+        cap = capture(self.model, self.modules, batch, minibatch=hp.edit_minibatch)
+        update_norm = hp.lifelong_norm if update_norm is None else update_norm
+        keys, coeffs, values = {}, {}, {}
+        with torch.no_grad():
+            for name in self.modules:
+                k, g = cap.keys[name], cap.grads[name]
+                if update_norm:
+                    self.hypernet.update_norm(name, k, g)
+                d = self.hypernet.values(name, k, g)
+                coeffs[name] = ridge_dual(k, d, self.hypernet.lam(name))
+                keys[name], values[name] = k, d
+        return Update(keys, coeffs, cap, values)
+
+    def apply(self, update: Update, alpha: float = 1.0) -> None:
+        """``W += alpha * dW`` for every edited module, in place, low rank."""
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                w = weight_view(module)                    # (d_out, d_in)
+                apply_low_rank_(w, update.coeffs[name].t(), update.keys[name], alpha,
+                                residual=self._residuals[name], path=self.hparams.kernel_path)
+
+    def edit(self, records: Sequence[EditRecord]) -> dict:
+        """Write ``records`` into the model (lifelong: accumulates, never reverts)."""
+        norm_before = copy.deepcopy(self.hypernet.norm_state()) if self.keep_journal else None
+        update = self.compute_update(records)
+        self.apply(update)
+        if self.keep_journal:
+            self.journal.append(Update({n: k.cpu() for n, k in update.keys.items()},
+                                       {n: c.cpu() for n, c in update.coeffs.items()}))
+            self._norm_history.append(norm_before)
+        return {"n_records": len(records), "n_rows": update.capture.n_rows,
+                "loss_before": update.capture.loss, "n_turns": len(self.journal)}
+
+    # -- undo ----------------------------------------------------------
+    def original_weights(self) -> Dict[str, torch.Tensor]:
+        """Clones of the pristine edited weights, keyed by parameter name."""
+        return {f"{n}.weight": w.clone() for n, w in self._pristine.items()}
+
+    def restore(self, normaliser: bool = True) -> None:
+        """Back to the pristine weights (and normaliser); the journal is cleared."""
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                module.weight.copy_(self._pristine[name])
+                if self._residuals[name] is not None:
+                    self._residuals[name].zero_()
+        if normaliser:
+            self.hypernet.load_norm_state(copy.deepcopy(self._pristine_norm))
+        self.journal.clear()
+        self._norm_history.clear()
+
+    def rollback(self, n: int = 1) -> None:
+        """Undo the last ``n`` edit batches exactly: restore, then replay the rest in order."""
+        if not self.keep_journal:
+            raise RuntimeError("rollback needs keep_journal=True")
+        if n < 0 or n > len(self.journal):
+            raise ValueError(f"cannot roll back {n} of {len(self.journal)} edit batches")
+        if n == 0:
+            return
+        keep, norm = self.journal[:-n], self._norm_history[-n]
+        history = self._norm_history[:-n]
+        self.restore()
+        device = model_device(self.model)
+        for update in keep:
+            self.apply(Update({k: v.to(device) for k, v in update.keys.items()},
+                              {k: v.to(device) for k, v in update.coeffs.items()}))
+        self.journal, self._norm_history = list(keep), history
+        self.hypernet.load_norm_state(norm)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The accumulated ``dW`` (d_in, d_out) of one module, from the journal (fp32)."""
+        total = None
+        for update in self.journal:
+            part = update.keys[name].t() @ update.coeffs[name]
+            total = part if total is None else total + part
+        if total is None:
+            d_in, d_out = io_dims(self.modules[name])
+            return torch.zeros(d_in, d_out)
+        return total

@@ -1,0 +1,253 @@
+"""Sequence-level ("reinforced") training of the hypernetwork.
+
+A trajectory edits ``T`` batches of training facts into the pristine model, one
+after another, with the hypernetwork being trained (on-policy: step ``t`` sees
+the model that steps ``1..t-1`` produced).  At each step the edited model
+``W_{t-1} + dW_t`` is scored on
+
+* paraphrases of the current batch and of up to ``back_depth - 1`` earlier
+  ones, batch ``t-i`` weighted ``time_decay**i`` (memory backtracking),
+* ``loc_coef`` x KL(p_{W_{t-1}} || p_{W_{t-1}+dW_t}) on the same window's
+  unrelated prompts,
+* ``reg_coef`` x ||dW_t||_F^2 (a real gradient in ``reg_mode: paper``; logged
+  only, as in the reference code, in ``reg_mode: reference``),
+
+and the loss gradient reaches the hypernetwork through the exact dual-form
+backward of the ridge solve (``solve.ridge_dual_backward``).  An Adam step
+follows every ``T / steps_per_trajectory`` batches; after each trajectory the
+hypernetwork is validated by a lifelong stream on held-out records and the
+best one is kept.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.records import EditRecord, IGNORE_INDEX, locality_batch, paraphrase_batch
+from ..hparams import RLEditTrainingHyperParams
+from ..models import model_device, weight_view
+from .capture import at_least_fp32, answer_token_loss, eval_mode, frozen_parameters
+from .editor import RLEditor, Update
+from .hypernet import HyperNetwork
+from .solve import l2_term_kg, project_weight_grad, ridge_dual_backward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _LossBatch:
+    """Tokenised paraphrase/locality prompts of one edit batch (tokenised once, reused)."""
+    para: Optional[Dict[str, torch.Tensor]]
+    loc: Optional[Dict[str, torch.Tensor]]
+
+
+def _chunks(batch: Dict[str, torch.Tensor], size: int):
+    n = batch["input_ids"].shape[0]
+    for i in range(0, n, size):
+        yield {k: v[i:i + size] for k, v in batch.items()}
+
+
+def _n_answer(batch: Dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _answer_logprobs(model, mb) -> torch.Tensor:
+    """Log-probabilities (rows = answer positions, cols = vocab) for the KL term."""
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    mask = mb["labels"][:, 1:] != IGNORE_INDEX
+    return F.log_softmax(at_least_fp32(logits[:, :-1][mask]), dim=-1)
+
+
+class SequenceTrainer:
+    """Owns the model, an :class:`RLEditor` whose hypernetwork it trains, and Adam."""
+
+    def __init__(self, model, tok, hparams: RLEditTrainingHyperParams,
+                 hypernet: Optional[HyperNetwork] = None, progress: bool = True):
+        self.hp, self.model, self.tok, self.progress = hparams, model, tok, progress
+        torch.manual_seed(hparams.seed)
+        self.editor = RLEditor(model, tok, hparams.editing(), hypernet=hypernet, keep_journal=False)
+        self.net = self.editor.hypernet
+        self.net.requires_grad_(True)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=hparams.meta_lr)
+        self.rng = random.Random(hparams.seed)
+        self._cache: Dict[int, _LossBatch] = {}
+
+    # -- data ----------------------------------------------------------
+    def _trajectory(self, records: Sequence[EditRecord]) -> List[List[EditRecord]]:
+        hp = self.hp
+        need = hp.traj_len * hp.n_edits
+        order: List[int] = []
+        while len(order) < need:  # reshuffle and wrap when the train set is smaller than T x n
+            idx = list(range(len(records)))
+            self.rng.shuffle(idx)
+            order += idx
+        order = order[:need]
+        return [[records[i] for i in order[t * hp.n_edits:(t + 1) * hp.n_edits]]
+                for t in range(hp.traj_len)]
+
+    def _tokenised(self, t: int, batch: Sequence[EditRecord]) -> _LossBatch:
+        if t not in self._cache:
+            dev, L = model_device(self.model), self.hp.max_length
+            self._cache[t] = _LossBatch(paraphrase_batch(self.tok, batch, L, dev),
+                                        locality_batch(self.tok, batch, L, dev))
+        return self._cache[t]
+
+    # -- one step of the trajectory -------------------------------------
+    def _window(self, t: int, batches) -> List[Tuple[float, _LossBatch]]:
+        hp = self.hp
+        return [(hp.time_decay ** i, self._tokenised(t - i, batches[t - i]))
+                for i in range(min(hp.back_depth, t + 1))]
+
+    def _reference_logprobs(self, window) -> List[Optional[List[torch.Tensor]]]:
+        """p_{W_{t-1}} on the window's locality prompts, before dW_t is applied."""
+        out = []
+        with torch.no_grad(), eval_mode(self.model):
+            for _, lb in window:
+                out.append(None if lb.loc is None else
+                           [_answer_logprobs(self.model, mb) for mb in _chunks(lb.loc, self.hp.loss_minibatch)])
+        return out
+
+    def _edited_loss_backward(self, window, ref) -> Dict[str, float]:
+        """Generalisation + locality losses at W_{t-1} + dW_t; grads land on the edited weights."""
+        hp, model = self.hp, self.model
+        stats = {"gen": 0.0, "loc": 0.0}
+        with eval_mode(model), frozen_parameters(model):
+            for m in self.editor.modules.values():
+                m.weight.requires_grad_(True)
+            for (w, lb), ref_lb in zip(window, ref):
+                if lb.para is not None:
+                    n = _n_answer(lb.para)
+                    for mb in _chunks(lb.para, hp.loss_minibatch):
+                        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                        loss = w * answer_token_loss(logits, mb["labels"], "sum") / n
+                        loss.backward()
+                        stats["gen"] += float(loss)
+                if lb.loc is not None and hp.loc_coef > 0:
+                    n = _n_answer(lb.loc)
+                    for mb, p_old in zip(_chunks(lb.loc, hp.loss_minibatch), ref_lb):
+                        logq = _answer_logprobs(model, mb)
+                        kl = F.kl_div(logq, p_old, log_target=True, reduction="sum")
+                        loss = w * hp.loc_coef * kl / n
+                        loss.backward()
+                        stats["loc"] += float(loss)
+        return stats
+
+    def _meta_backward(self, update: Update, scale: float) -> float:
+        """Push dLoss/d(dW) through the ridge solve into the hypernetwork's gradients."""
+        hp, reg_total = self.hp, 0.0
+        for name, module in self.editor.modules.items():
+            k, c = update.keys[name], update.coeffs[name]
+            grad = module.weight.grad
+            grad_out_in = torch.zeros_like(weight_view(module)) if grad is None else (
+                grad.t() if grad.shape != weight_view(module).shape else grad)
+            kg = project_weight_grad(k, grad_out_in)
+            reg_value, reg_kg = l2_term_kg(k, c, hp.reg_coef)
+            reg_total += float(reg_value)
+            if hp.reg_mode == "paper":
+                kg = kg + reg_kg
+            lam = self.net.lam(name)
+            d_coeff, d_lam = ridge_dual_backward(k, c, kg, lam.detach())
+            values = self.net.values(name, k, update.capture.grads[name])   # with graph
+            surrogate = (d_coeff * values).sum() + (d_lam * lam).sum()
+            (surrogate * scale).backward()
+            module.weight.grad = None
+        return reg_total
+
+    def _opt_step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.hp.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def run_trajectory(self, records: Sequence[EditRecord]) -> Dict[str, float]:
+        hp = self.hp
+        batches = self._trajectory(records)
+        self._cache.clear()
+        self.editor.restore(normaliser=False)           # W_0; the normaliser keeps its history
+        seg = max(1, math.ceil(hp.traj_len / hp.steps_per_trajectory))
+        totals = {"gen": 0.0, "loc": 0.0, "reg": 0.0, "edit_loss": 0.0, "grad_norm": 0.0, "steps": 0}
+        bar = tqdm(range(hp.traj_len), desc="trajectory", disable=not self.progress, leave=False)
+        for t in bar:
+            window = self._window(t, batches)
+            ref = self._reference_logprobs(window)
+            update = self.editor.compute_update(batches[t], update_norm=True)
+            self.editor.apply(update)                   # W_t = W_{t-1} + dW_t, kept (on-policy)
+            stats = self._edited_loss_backward(window, ref)
+            totals["reg"] += self._meta_backward(update, 1.0 / seg) * hp.reg_coef
+            totals["gen"] += stats["gen"]
+            totals["loc"] += stats["loc"]
+            totals["edit_loss"] += update.capture.loss
+            if (t + 1) % seg == 0 or t + 1 == hp.traj_len:
+                totals["grad_norm"] += self._opt_step()
+                totals["steps"] += 1
+            bar.set_postfix(gen=f"{stats['gen']:.3f}", loc=f"{stats['loc']:.3f}")
+        for key in ("gen", "loc", "reg", "edit_loss"):
+            totals[key] /= hp.traj_len
+        totals["grad_norm"] /= max(1, totals["steps"])
+        self.editor.restore(normaliser=False)
+        return totals
+
+    # -- validation ------------------------------------------------------
+    def validate(self, records: Sequence[EditRecord]) -> Dict[str, float]:
+        """Lifelong stream over held-out records, scored at the end; weights and normaliser restored."""
+        from ..evaluation.metrics import capture_reference, score_records
+        norm = copy.deepcopy(self.net.norm_state())
+        reference = capture_reference(self.model, self.tok, records)
+        n = self.hp.n_edits
+        with torch.no_grad():
+            for i in range(0, len(records), n):
+                self.editor.apply(self.editor.compute_update(records[i:i + n]))
+        scores = score_records(self.model, self.tok, records, reference=reference)
+        self.editor.restore(normaliser=False)
+        self.net.load_norm_state(norm)
+        keys = ("efficacy", "generalization", "specificity_vs_unedited")
+        scores["score"] = sum(float(scores[k]) for k in keys) / len(keys)
+        return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def train_hypernetwork(model, tok, hparams: RLEditTrainingHyperParams,
+                       train_records: Sequence[EditRecord],
+                       val_records: Optional[Sequence[EditRecord]] = None,
+                       progress: bool = True, save: bool = True):
+    """Train a hypernetwork for ``model``; returns ``(hypernet, history)``.
+
+    ``history`` is a list of per-trajectory dicts (train losses, validation
+    scores, seconds).  With ``keep_best`` the best validated hypernetwork is
+    returned; with ``save`` it is archived under ``hparams.results_dir``.
+    """
+    if not train_records:
+        raise ValueError("no training records")
+    trainer = SequenceTrainer(model, tok, hparams, progress=progress)
+    val = list(val_records or [])[: hparams.n_val]
+    history: List[dict] = []
+    best_state, best_score = None, -math.inf
+    if val:
+        first = trainer.validate(val)
+        history.append({"trajectory": 0, "val": first, "seconds": 0.0})
+        best_state, best_score = copy.deepcopy(trainer.net.state_dict()), first["score"]
+    for i in tqdm(range(hparams.n_trajectories), desc="training", disable=not progress):
+        start = time.perf_counter()
+        entry = {"trajectory": i + 1, "train": trainer.run_trajectory(train_records)}
+        if val:
+            entry["val"] = trainer.validate(val)
+            if entry["val"]["score"] > best_score:
+                best_state, best_score = copy.deepcopy(trainer.net.state_dict()), entry["val"]["score"]
+        entry["seconds"] = time.perf_counter() - start
+        history.append(entry)
+        log.info("trajectory %d: %s", i + 1, entry)
+    if hparams.keep_best and best_state is not None:
+        trainer.net.load_state_dict(best_state)
+    net = trainer.net.requires_grad_(False)
+    if save and hparams.results_dir:
+        from .archive import save_archive
+        save_archive(hparams.results_dir, net, model, hparams.editing(), history=history)
+    return net, history

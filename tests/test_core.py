@@ -1,0 +1,209 @@
+"""Capture, editor, trainer and archive: behaviour checked against independent references."""
+import copy
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from rledit_plugin.core.archive import ArchiveError, load_archive, save_archive
+from rledit_plugin.core.capture import answer_token_loss, capture
+from rledit_plugin.core.editor import RLEditor
+from rledit_plugin.core.solve import ridge_primal
+from rledit_plugin.core.trainer import SequenceTrainer, train_hypernetwork
+from rledit_plugin.data.records import (answer_positions, edit_batch, locality_batch,
+                                        paraphrase_batch)
+from rledit_plugin.hparams import RLEditHyperParams, RLEditTrainingHyperParams
+from rledit_plugin.models import get_module, is_conv1d, weight_view
+
+GPT2_MODULES = ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+LLAMA_MODULES = ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+
+
+def _hp(modules, **kw):
+    base = dict(inner_params=modules, rank=8, n_blocks=2, init_lr=1e-2, max_length=48,
+                edit_minibatch=3)
+    base.update(kw)
+    return RLEditHyperParams(**base)
+
+
+def _train_hp(modules, tmp_path, **kw):
+    base = dict(inner_params=modules, rank=8, n_blocks=2, init_lr=1e-2, max_length=48,
+                edit_minibatch=3, n_edits=3, traj_len=2, n_trajectories=2, back_depth=2,
+                loss_minibatch=4, meta_lr=1e-3, n_val=6, results_dir=str(tmp_path / "arch"))
+    base.update(kw)
+    return RLEditTrainingHyperParams(**base)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def pair(request, random_gpt2, random_llama):
+    model, tok = random_gpt2 if request.param == "gpt2" else random_llama
+    modules = GPT2_MODULES if request.param == "gpt2" else LLAMA_MODULES
+    return copy.deepcopy(model), tok, modules
+
+
+def test_capture_rows_are_exactly_the_answer_positions(pair, world):
+    model, tok, modules = pair
+    records = world.train_records[:5]
+    batch = edit_batch(tok, records, 48)
+    mods = {n: get_module(model, n) for n in modules}
+    cap = capture(model, mods, batch, minibatch=2)          # minibatched, autograd.grad path
+
+    # Brute force: one full-batch forward, retain every output, plain backward.
+    inputs, outputs = {}, {}
+    def make_hook(name):
+        def hook(mod, args, out):
+            inputs[name] = args[0].detach()
+            out.retain_grad()
+            outputs[name] = out
+        return hook
+    for p in model.parameters():
+        p.requires_grad_(True)
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
+    model.eval()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    answer_token_loss(logits, batch["labels"]).backward()
+    for h in handles:
+        h.remove()
+    mask = answer_positions(batch["labels"])
+    n_answer = int((batch["labels"] != -100).sum())
+    assert cap.n_rows == n_answer == int(mask.sum())
+    for n in modules:
+        torch.testing.assert_close(cap.keys[n], inputs[n][mask].float())
+        torch.testing.assert_close(cap.grads[n], outputs[n].grad[mask].float(), rtol=1e-4, atol=1e-7)
+    # capture itself leaves no parameter gradient behind
+    model.zero_grad(set_to_none=True)
+    capture(model, mods, batch)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_edit_lowers_edit_loss_and_touches_only_edited_modules(pair, world):
+    model, tok, modules = pair
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = RLEditor(model, tok, _hp(modules, init_lr=1e-3))
+    records = world.train_records[:4]
+    batch = edit_batch(tok, records, 48)
+    with torch.no_grad():
+        loss0 = float(answer_token_loss(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"]))
+    stats = editor.edit(records)
+    with torch.no_grad():
+        loss1 = float(answer_token_loss(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"]))
+    assert loss1 < loss0, (loss0, loss1)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(editor.edited_param_names)
+    for n in modules:   # the change is K^T C, rank <= N, in the module's own layout
+        dw = editor.delta(n)                                  # (d_in, d_out)
+        assert torch.linalg.matrix_rank(dw) <= stats["n_rows"]
+        now = weight_view(get_module(model, n))
+        was = before[f"{n}.weight"].t() if is_conv1d(get_module(model, n)) else before[f"{n}.weight"]
+        torch.testing.assert_close(now - was, dw.t(), rtol=1e-4, atol=1e-6)
+
+
+def test_rollback_and_restore_are_exact(pair, world):
+    model, tok, modules = pair
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = RLEditor(model, tok, _hp(modules))
+    recs = world.train_records
+    editor.edit(recs[0:3])
+    editor.edit(recs[3:6])
+    after_two = {k: v.clone() for k, v in model.state_dict().items()}
+    norm_two = copy.deepcopy(editor.hypernet.norm_state())
+    editor.edit(recs[6:9])
+    editor.rollback(1)
+    assert all(torch.equal(v, after_two[k]) for k, v in model.state_dict().items())
+    for k, v in editor.hypernet.norm_state().items():
+        assert torch.equal(v, norm_two[k])
+    editor.restore()
+    assert all(torch.equal(v, pristine[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError):
+        editor.rollback(1)
+
+
+def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world, tmp_path):
+    """One training step: the trainer's hypernetwork gradient equals end-to-end autograd (float64)."""
+    model, tok = random_gpt2
+    model = copy.deepcopy(model).double()
+    hp = _train_hp(GPT2_MODULES, tmp_path, traj_len=1, n_trajectories=1, max_grad_norm=1e12,
+                   reg_coef=0.5, reg_mode="paper", loc_coef=0.6, loss_minibatch=2)
+    trainer = SequenceTrainer(model, tok, hp, progress=False)
+    net = trainer.net.double()
+    with torch.no_grad():   # move off the identity init so every parameter matters
+        for name, p in net.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    recorded = {}
+    def record_step():
+        recorded.update({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+        net.zero_grad(set_to_none=True)
+        return 0.0
+    trainer._opt_step = record_step
+    pristine = {n: get_module(model, n).weight.detach().clone() for n in GPT2_MODULES}
+    batch_records = trainer._trajectory(world.train_records)[0]
+    trainer.rng.seed(hp.seed)            # replay the same sampling inside run_trajectory
+    trainer.run_trajectory(world.train_records)
+
+    # Independent reference: primal solve, functional weights, autograd to phi.
+    mods = {n: get_module(model, n) for n in GPT2_MODULES}
+    eb = edit_batch(tok, batch_records, hp.max_length)
+    cap = capture(model, mods, eb, minibatch=hp.edit_minibatch)   # model is pristine again
+    para = paraphrase_batch(tok, batch_records, hp.max_length)
+    loc = locality_batch(tok, batch_records, hp.max_length)
+    with torch.no_grad():
+        p_old = torch.log_softmax(model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits[:, :-1], -1)
+    net.zero_grad(set_to_none=True)
+    new_weights, reg = {}, 0.0
+    for n in GPT2_MODULES:
+        d = net.values(n, cap.keys[n].double(), cap.grads[n].double())
+        dw = ridge_primal(cap.keys[n].double(), d, net.lam(n))       # (d_in, d_out) = Conv1D layout
+        new_weights[f"{n}.weight"] = pristine[n] + dw
+        reg = reg + hp.reg_coef * (dw ** 2).sum()
+    out = functional_call(model, new_weights, args=(), kwargs=dict(input_ids=para["input_ids"], attention_mask=para["attention_mask"]))
+    gen = answer_token_loss(out.logits, para["labels"])
+    out_loc = functional_call(model, new_weights, args=(), kwargs=dict(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]))
+    mask = loc["labels"][:, 1:] != -100
+    logq = torch.log_softmax(out_loc.logits[:, :-1], -1)[mask]
+    kl = (p_old[mask].exp() * (p_old[mask] - logq)).sum() / mask.sum()
+    total = gen + hp.loc_coef * kl + reg
+    total.backward()
+    assert recorded, "trainer produced no gradient"
+    for name, p in net.named_parameters():
+        if p.grad is None:
+            assert name not in recorded or recorded[name].abs().max() == 0
+            continue
+        torch.testing.assert_close(recorded[name], p.grad, rtol=1e-6, atol=1e-10, msg=name)
+
+
+def test_train_archive_load_edit_round_trip_and_determinism(random_gpt2, world, tmp_path):
+    model, tok = random_gpt2
+    model = copy.deepcopy(model)
+    pristine = copy.deepcopy(model)
+    hp = _train_hp(GPT2_MODULES, tmp_path)
+    net, history = train_hypernetwork(model, tok, hp, world.train_records[:30], world.val_records[:6], progress=False)
+    assert len(history) == hp.n_trajectories + 1 and "val" in history[-1]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
+
+    edit_recs = world.eval_records[:3]
+    m1, m2 = copy.deepcopy(pristine), copy.deepcopy(pristine)
+    RLEditor(m1, tok, hp.editing(), hypernet=copy.deepcopy(net)).edit(edit_recs)
+    loaded_hp = hp.editing()
+    loaded_hp.archive = hp.results_dir
+    RLEditor(m2, tok, loaded_hp).edit(edit_recs)
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+    # a second seeded run writes the identical archive
+    hp2 = _train_hp(GPT2_MODULES, tmp_path / "second")
+    train_hypernetwork(copy.deepcopy(pristine), tok, hp2, world.train_records[:30], world.val_records[:6], progress=False)
+    a = load_file(os.path.join(hp.results_dir, "hypernet.safetensors"))
+    b = load_file(os.path.join(hp2.results_dir, "hypernet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_archive_refuses_a_different_shape(random_gpt2, random_llama, tmp_path):
+    gpt2, tok = random_gpt2
+    editor = RLEditor(copy.deepcopy(gpt2), tok, _hp(GPT2_MODULES))
+    save_archive(str(tmp_path / "a"), editor.hypernet, gpt2, editor.hparams)
+    llama, _ = random_llama
+    with pytest.raises(ArchiveError, match="archive"):
+        load_archive(str(tmp_path / "a"), llama)
+    with pytest.raises(ArchiveError, match="not an RLEdit archive"):
+        load_archive(str(tmp_path), gpt2)
