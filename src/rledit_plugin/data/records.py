@@ -8,7 +8,7 @@ change.  Every loader in :mod:`rledit_plugin.data.formats` produces these.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,7 +29,7 @@ class RecordError(ValueError):
             where.append(f"field '{field}'")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
-        self.file, self.index, self.field = file, index, field
+        self.message, self.file, self.index, self.field = message, file, index, field
 
 
 @dataclass
@@ -56,17 +56,22 @@ class EditRecord:
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise RecordError(f"expected a string, got {type(self.target_true).__name__}",
                               file=file, index=index, field="target_true")
+        if self.target_true is not None and not self.target_true.strip():
+            raise RecordError("is empty or whitespace", file=file, index=index, field="target_true")
+        if self.subject is not None and not isinstance(self.subject, str):
+            raise RecordError(f"expected a string, got {type(self.subject).__name__}",
+                              file=file, index=index, field="subject")
         for name in ("paraphrases", "locality_prompts", "locality_answers"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise RecordError("expected a list of strings", file=file, index=index, field=name)
+            if any(not v.strip() for v in value):
+                raise RecordError("holds an empty or whitespace string", file=file, index=index,
+                                  field=name)
         if len(self.locality_prompts) != len(self.locality_answers):
             raise RecordError(
                 f"{len(self.locality_prompts)} locality prompts but {len(self.locality_answers)} answers",
                 file=file, index=index, field="locality_answers")
-        if any(not a.strip() for a in self.locality_answers):
-            raise RecordError("a locality answer is empty", file=file, index=index,
-                              field="locality_answers")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -78,19 +83,37 @@ class EditRecord:
 
 
 def _answer_ids(tok, answer: str) -> List[int]:
-    """Token ids of ``" " + answer`` as they appear after a prompt (no special tokens)."""
+    """Token ids of ``" " + answer`` tokenised on its own (no special tokens)."""
     return tok(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+
+
+def split_prompt_answer(tok, prompt: str, answer: str) -> Tuple[List[int], List[int]]:
+    """(prompt ids with special tokens, answer ids) for the text ``prompt + " " + answer``.
+
+    The answer ids are taken from the tokenisation of the whole text whenever the
+    prompt's own ids are a prefix of it: that is the segmentation the model meets
+    in running text.  (Tokenising ``" " + answer`` alone is not: SentencePiece-style
+    tokenizers such as Llama's turn the leading space into an extra lone "▁" token.)
+    Only when a merge crosses the prompt/answer boundary is the answer tokenised
+    separately, which keeps the label boundary exact.
+    """
+    prompt, answer = prompt.rstrip(), answer.strip()
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    full = tok(prompt + " " + answer, add_special_tokens=True)["input_ids"]
+    if len(full) > len(p) and full[:len(p)] == p:
+        return p, full[len(p):]
+    return p, _answer_ids(tok, answer)
 
 
 def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
                             max_length: int = 128, device=None) -> Dict[str, torch.Tensor]:
     """Batch ``prompt + " " + answer`` with labels only on the answer tokens.
 
-    Prompt and answer are tokenised separately and concatenated so the label
+    Prompt and answer ids come from :func:`split_prompt_answer`, so the label
     boundary is exact whatever the tokenizer merges.  Right padding; when a
-    sequence is longer than ``max_length`` the prompt is cut from the left so
-    the answer is never lost.  ``labels`` are aligned with ``input_ids``
-    (Hugging Face convention: the model shifts them).
+    sequence is longer than ``max_length`` the prompt is cut from the left
+    (keeping a leading BOS) so the answer is never lost.  ``labels`` are
+    aligned with ``input_ids`` (Hugging Face convention: the model shifts them).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -98,13 +121,18 @@ def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an eos token")
     rows, labels = [], []
+    bos = getattr(tok, "bos_token_id", None)
     for prompt, answer in zip(prompts, answers):
-        p = tok(prompt.rstrip(), add_special_tokens=True)["input_ids"]
-        a = _answer_ids(tok, answer)
+        p, a = split_prompt_answer(tok, prompt, answer)
         if not a:
             raise ValueError(f"answer {answer!r} tokenises to nothing")
         a = a[:max_length - 1]
-        p = p[-(max_length - len(a)):]
+        room = max_length - len(a)
+        if len(p) > room:
+            # Cut the prompt from the left, but keep a leading BOS: models trained
+            # with one (Llama) behave badly without it.
+            head = p[:1] if bos is not None and p[0] == bos and room > 1 else []
+            p = head + p[len(p) - (room - len(head)):]
         rows.append(p + a)
         labels.append([IGNORE_INDEX] * len(p) + a)
     width = max(len(r) for r in rows)
