@@ -75,7 +75,7 @@ def test_zsre_easyedit_convention(tmp_path):
 
 
 def test_zsre_rephrase_list_and_agreeing_ans_alt(tmp_path):
-    item = dict(ZSRE_EASYEDIT, rephrase=["a?", "b?"], ans=" Marlowe")
+    item = dict(ZSRE_EASYEDIT, rephrase=["a?", "b?"], alt=" Marlowe", ans="Marlowe ")
     (rec,) = load_records(dump(tmp_path, [item]))
     assert rec.paraphrases == ["a?", "b?"] and rec.target_new == "Marlowe"
 

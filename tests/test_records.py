@@ -163,6 +163,8 @@ def test_mismatched_lengths_and_empty_answers_raise():
     tok = TOKENIZERS["gpt2"]
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
         tokenize_teacher_forced(tok, ["a", "b"], ["c"])
+    with pytest.raises(ValueError, match="empty or whitespace"):
+        tokenize_teacher_forced(tok, ["Who wrote Hamlet?"], [" "])
 
 
 @pytest.mark.parametrize("changes,field,words", [

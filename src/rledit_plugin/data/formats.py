@@ -136,7 +136,7 @@ def _from_zsre(raw: _Raw) -> EditRecord:
     alt, ans = raw.text("alt", optional=True), raw.text("ans", optional=True)
     if alt is None and ans is None:
         raise raw.error("is missing (and so is 'ans')", "alt")
-    if alt is not None and ans is not None and alt.strip() != ans.strip():
+    if None not in (alt, ans) and alt.strip() != ans.strip():
         raise raw.error(f"{ans!r} differs from 'alt' {alt!r} (both name the edit target)", "ans")
     answers = raw.get("answers", default=None)
     prompts, loc_answers = raw.pairs(("loc",), ("loc_ans",))
@@ -266,6 +266,10 @@ def _convert(items: Sequence[Any], format: str, source: str, size: Optional[int]
             break
         try:
             record = READERS[format](_Raw(item, source, index))
+            # Answers follow the prompt after one space: spaces around them are noise.
+            record.target_new = record.target_new.strip()
+            record.target_true = record.target_true and record.target_true.strip()
+            record.locality_answers = [a.strip() for a in record.locality_answers]
             if strip_nq_prefix:
                 record.locality_prompts = [p[len(NQ_PREFIX):] if p.startswith(NQ_PREFIX) else p
                                            for p in record.locality_prompts]

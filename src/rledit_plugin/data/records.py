@@ -123,6 +123,8 @@ def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
     rows, labels = [], []
     bos = getattr(tok, "bos_token_id", None)
     for prompt, answer in zip(prompts, answers):
+        if not answer.strip():
+            raise ValueError(f"answer {answer!r} is empty or whitespace (prompt {prompt!r})")
         p, a = split_prompt_answer(tok, prompt, answer)
         if not a:
             raise ValueError(f"answer {answer!r} tokenises to nothing")
