@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rledit_plugin.core.solve import (
+    GramFactor,
     gram_factor,
     l2_term_kg,
     project_weight_grad,
@@ -134,12 +135,11 @@ def test_small_lambda_interpolates_on_full_row_rank():
 
 def test_cholesky_failure_falls_back_to_lu():
     K = torch.ones(3, 4, dtype=F64)  # rank 1; lam = -inf removes the ridge entirely
-    M_singular = gram_factor(K, float("-inf"))
-    assert M_singular.cholesky is None
+    singular = gram_factor(K, float("-inf"))
+    assert singular.cholesky is None
     # a factor without Cholesky still solves a well-posed system exactly
     K, D, Gw = _problem(5, 8, 2, seed=7)
     good = gram_factor(K, 0.0)
-    from rledit_plugin.core.solve import GramFactor
     lu_only = GramFactor(matrix=good.matrix, cholesky=None)
     torch.testing.assert_close(lu_only.solve(D), good.solve(D), rtol=1e-10, atol=1e-12)
 
