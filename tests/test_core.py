@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from rledit_plugin.core.archive import ArchiveError, load_archive, save_archive
 from rledit_plugin.core.capture import answer_token_loss, capture
-from rledit_plugin.core.editor import RLEditor
+from rledit_plugin.core.editor import RLEditor, norm_state
 from rledit_plugin.core.solve import ridge_primal
 from rledit_plugin.core.trainer import SequenceTrainer, train_hypernetwork
 from rledit_plugin.data.records import (answer_positions, edit_batch, locality_batch,
@@ -108,11 +108,11 @@ def test_rollback_and_restore_are_exact(pair, world):
     editor.edit(recs[0:3])
     editor.edit(recs[3:6])
     after_two = {k: v.clone() for k, v in model.state_dict().items()}
-    norm_two = copy.deepcopy(editor.hypernet.norm_state())
+    norm_two = norm_state(editor.hypernet)
     editor.edit(recs[6:9])
     editor.rollback(1)
     assert all(torch.equal(v, after_two[k]) for k, v in model.state_dict().items())
-    for k, v in editor.hypernet.norm_state().items():
+    for k, v in norm_state(editor.hypernet).items():
         assert torch.equal(v, norm_two[k])
     editor.restore()
     assert all(torch.equal(v, pristine[k]) for k, v in model.state_dict().items())

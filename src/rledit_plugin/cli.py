@@ -90,7 +90,7 @@ def cmd_edit(args) -> int:
         logging.warning("no archive given: editing with an UNTRAINED hypernetwork")
     world = None if args.data else build_world()
     records = load_records(args.data, format=args.format) if args.data else world.eval_records
-    heldout = world.heldout_texts() if world is not None and hasattr(world, "heldout_texts") else None
+    heldout = world.heldout_corpus if world is not None else None
     result, paths = run_edit_stream(hp, records, args.turns, args.batch, args.out, args.curve_every,
                                     heldout=heldout)
     print(json.dumps({"post": result["post"], "files": paths}, indent=2, default=str))
@@ -124,7 +124,7 @@ def cmd_demo(args) -> int:
     edit_hp.archive = hp.results_dir
     print(f"[demo] lifelong stream: {turns} turns x {batch} held-out edits ...", flush=True)
     result, paths = run_edit_stream(edit_hp, world.eval_records, turns, batch, str(out), max(1, turns // 10),
-                                    model=model, tok=tok, heldout=world.heldout_texts())
+                                    model=model, tok=tok, heldout=world.heldout_corpus)
     print(markdown_table({"RLEdit": result}))
     summary = {"seconds_total": round(time.perf_counter() - start, 1), "edits": result["edits"],
                "post": result["post"], "files": paths, "training": history[-1]}

@@ -36,6 +36,17 @@ class Update:
     values: Dict[str, torch.Tensor] = field(default_factory=dict)  # D, (N, d_out)
 
 
+def norm_state(net: nn.Module) -> Dict[str, torch.Tensor]:
+    """Copy of the hypernetwork's buffers: the running normalisers, its only state besides weights."""
+    return {k: v.detach().clone() for k, v in net.named_buffers()}
+
+
+def load_norm_state(net: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in net.named_buffers():
+            v.copy_(state[k])
+
+
 def edit_module_names(model: nn.Module, hparams: RLEditHyperParams) -> List[str]:
     return list(hparams.inner_params) or default_edit_modules(model)
 
@@ -68,7 +79,7 @@ class RLEditor:
         self.keep_journal = keep_journal
         self.journal: List[Update] = []
         self._pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
-        self._pristine_norm = copy.deepcopy(self.hypernet.norm_state())
+        self._pristine_norm = norm_state(self.hypernet)
         self._norm_history: List[dict] = []
         self._residuals = {n: make_residual(m.weight, hparams.accumulate) for n, m in self.modules.items()}
 
@@ -106,7 +117,7 @@ class RLEditor:
 
     def edit(self, records: Sequence[EditRecord]) -> dict:
         """Write ``records`` into the model (lifelong: accumulates, never reverts)."""
-        norm_before = copy.deepcopy(self.hypernet.norm_state()) if self.keep_journal else None
+        norm_before = norm_state(self.hypernet) if self.keep_journal else None
         update = self.compute_update(records)
         self.apply(update)
         if self.keep_journal:
@@ -129,7 +140,7 @@ class RLEditor:
                 if self._residuals[name] is not None:
                     self._residuals[name].zero_()
         if normaliser:
-            self.hypernet.load_norm_state(copy.deepcopy(self._pristine_norm))
+            load_norm_state(self.hypernet, self._pristine_norm)
         self.journal.clear()
         self._norm_history.clear()
 
@@ -149,7 +160,7 @@ class RLEditor:
             self.apply(Update({k: v.to(device) for k, v in update.keys.items()},
                               {k: v.to(device) for k, v in update.coeffs.items()}))
         self.journal, self._norm_history = list(keep), history
-        self.hypernet.load_norm_state(norm)
+        load_norm_state(self.hypernet, norm)
 
     def delta(self, name: str) -> torch.Tensor:
         """The accumulated ``dW`` (d_in, d_out) of one module, from the journal (fp32)."""

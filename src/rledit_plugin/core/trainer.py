@@ -36,7 +36,7 @@ from ..data.records import EditRecord, IGNORE_INDEX, locality_batch, paraphrase_
 from ..hparams import RLEditTrainingHyperParams
 from ..models import model_device, weight_view
 from .capture import at_least_fp32, answer_token_loss, eval_mode, frozen_parameters
-from .editor import RLEditor, Update
+from .editor import RLEditor, Update, load_norm_state, norm_state
 from .hypernet import HyperNetwork
 from .solve import l2_term_kg, project_weight_grad, ridge_dual_backward
 
@@ -200,7 +200,7 @@ class SequenceTrainer:
     def validate(self, records: Sequence[EditRecord]) -> Dict[str, float]:
         """Lifelong stream over held-out records, scored at the end; weights and normaliser restored."""
         from ..evaluation.metrics import capture_reference, score_records
-        norm = copy.deepcopy(self.net.norm_state())
+        norm = norm_state(self.net)
         reference = capture_reference(self.model, self.tok, records)
         n = self.hp.n_edits
         with torch.no_grad():
@@ -208,7 +208,7 @@ class SequenceTrainer:
                 self.editor.apply(self.editor.compute_update(records[i:i + n]))
         scores = score_records(self.model, self.tok, records, reference=reference)
         self.editor.restore(normaliser=False)
-        self.net.load_norm_state(norm)
+        load_norm_state(self.net, norm)
         keys = ("efficacy", "generalization", "specificity_vs_unedited")
         scores["score"] = sum(float(scores[k]) for k in keys) / len(keys)
         return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
