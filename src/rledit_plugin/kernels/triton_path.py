@@ -1,0 +1,189 @@
+"""Fused Triton kernel for ``weight += alpha * left @ right`` (in place).
+
+One program owns a (BLOCK_M, BLOCK_K) tile of W: it accumulates the tile of
+``left @ right`` in fp32 registers (rank loop in BLOCK_N steps), then reads the
+W tile once, adds, rounds to W's dtype and writes it once. With a residual the
+epilogue is the compensated update documented in ``torch_path``.
+
+This module needs triton; ``kernels.__init__`` imports it only when
+``triton_available()``. The kernel is decorated on first use, once per value of
+``TRITON_INTERPRET``: Triton decides between compiling and interpreting when a
+function is decorated, so deciding late lets CPU tests switch the interpreter
+on. Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (needs numpy).
+"""
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .torch_path import normalise_layout
+
+_KERNELS: Dict[bool, object] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Plain function, decorated in get_kernel(); module-level so that Triton resolves
+# `tl` through globals on every version (no closures).
+def _lowrank_update_kernel(
+    w_ptr, l_ptr, r_ptr, res_ptr,
+    M, K, N,
+    s_wm, s_wk, s_lm, s_ln, s_rn, s_rk, s_resm, s_resk,
+    alpha,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, SOFT_BF16_W: tl.constexpr, SOFT_BF16_RES: tl.constexpr,
+):
+    # Grouped tile order: neighbouring programs share rows of L and columns
+    # of R, so the factor re-reads mostly hit L2.
+    # Only core builtins here (no tl.cdiv, tl.minimum, tl.zeros): triton's library
+    # functions are decorated when triton is imported, so they would not follow
+    # a TRITON_INTERPRET switched on later.
+    pid = tl.program_id(0)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_k = (K + BLOCK_K - 1) // BLOCK_K
+    per_group = GROUP_M * tiles_k
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_rows = tiles_m - first_m
+    group_rows = tl.where(group_rows < GROUP_M, group_rows, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_k = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_m = offs_m < M
+    in_k = offs_k < K
+
+    acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        a = tl.load(l_ptr + offs_m[:, None] * s_lm + offs_n[None, :] * s_ln,
+                    mask=in_m[:, None] & in_n[None, :], other=0.0)
+        b = tl.load(r_ptr + offs_n[:, None] * s_rn + offs_k[None, :] * s_rk,
+                    mask=in_n[:, None] & in_k[None, :], other=0.0)
+        if FP32_DOT:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            # 16-bit factors: products are exact in fp32, accumulation is fp32.
+            acc = tl.dot(a, b, acc)
+
+    mask = in_m[:, None] & in_k[None, :]
+    w_ptrs = w_ptr + offs_m[:, None] * s_wm + offs_k[None, :] * s_wk
+    w_old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        res_ptrs = res_ptr + offs_m[:, None] * s_resm + offs_k[None, :] * s_resk
+        s = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32) + alpha * acc
+        total = w_old + s
+    else:
+        total = w_old + alpha * acc
+    if SOFT_BF16_W:  # interpreter only: its plain bf16 cast truncates (triton 3.9)
+        bits = total.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round to nearest, ties to even
+        w_new = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        w_new = total.to(w_ptr.dtype.element_ty)  # round to nearest even
+    tl.store(w_ptrs, w_new, mask=mask)
+    if HAS_RES:
+        lost = s - (w_new.to(tl.float32) - w_old)
+        if SOFT_BF16_RES:
+            bits = lost.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            tl.store(res_ptrs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(res_ptrs, lost.to(res_ptr.dtype.element_ty), mask=mask)
+
+
+def get_kernel():
+    """The kernel, decorated now: Triton picks compile vs interpret at decoration."""
+    key = interpreting()
+    if key not in _KERNELS:
+        _KERNELS[key] = triton.jit(_lowrank_update_kernel)
+    return _KERNELS[key]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int = 128
+    block_k: int = 128
+    block_n: int = 32
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def default_config(n_rank: int, fp32_dot: bool, on_cpu: bool) -> KernelConfig:
+    """Tile shapes: big W tiles (memory-bound regime), rank step by operand size."""
+    if on_cpu:  # interpreter: fewer, larger numpy programs are faster
+        return KernelConfig(block_m=32, block_k=64, block_n=16 if n_rank <= 16 else 32)
+    if n_rank <= 16:
+        block_n = 16
+    else:
+        block_n = 32 if fp32_dot else 64
+    return KernelConfig(block_n=block_n)
+
+
+def default_precision(left: torch.Tensor, right: torch.Tensor) -> str:
+    """Dot precision for fp32 factors.
+
+    "tf32x3" (three tf32 tensor-core products, ~2^-21 relative error per
+    product) keeps the update far below one fp32 ulp of W, since the delta
+    itself is small against W; "ieee" is exact fp32 FMA but compute-bound at
+    ranks above a few tens on current GPUs.
+    """
+    return "tf32x3"
+
+
+def apply_low_rank_triton_(
+    weight: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    alpha: float = 1.0,
+    residual: Optional[torch.Tensor] = None,
+    *,
+    config: Optional[KernelConfig] = None,
+    precision: Optional[str] = None,
+) -> torch.Tensor:
+    """Launch the fused kernel (inputs already validated by ``kernels.__init__``)."""
+    on_cpu = weight.device.type == "cpu"
+    if on_cpu and not interpreting():
+        raise RuntimeError(
+            "apply_low_rank_(path='triton'): CPU tensors need TRITON_INTERPRET=1 "
+            "(Triton's interpreter); use path='torch' or move the tensors to CUDA")
+    out = weight
+    soft = interpreting()
+    weight, left, right, residual = normalise_layout(weight, left, right, residual)
+    n_rows, n_cols = weight.shape
+    n_rank = left.shape[1]
+    if n_rows == 0 or n_cols == 0 or n_rank == 0:
+        return out
+    # 16-bit factors of one dtype go to the tensor cores as they are; anything
+    # else is upcast to fp32 in registers. The interpreter's bf16 dot reads the
+    # raw bits as integers (triton 3.9), so there bf16 is upcast too.
+    native16 = (torch.float16,) if soft else (torch.float16, torch.bfloat16)
+    fp32_dot = not (left.dtype == right.dtype and left.dtype in native16)
+    cfg = config or default_config(n_rank, fp32_dot, on_cpu)
+    prec = precision or default_precision(left, right)
+    res = residual if residual is not None else weight  # dummy pointer when unused
+    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_cols, cfg.block_k),)
+    with torch.no_grad():
+        get_kernel()[grid](
+            weight, left, right, res,
+            n_rows, n_cols, n_rank,
+            weight.stride(0), weight.stride(1), left.stride(0), left.stride(1),
+            right.stride(0), right.stride(1), res.stride(0), res.stride(1),
+            float(alpha),
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+            GROUP_M=cfg.group_m, HAS_RES=residual is not None, FP32_DOT=fp32_dot,
+            PRECISION=prec,
+            SOFT_BF16_W=soft and weight.dtype == torch.bfloat16,
+            SOFT_BF16_RES=soft and residual is not None and residual.dtype == torch.bfloat16,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out
