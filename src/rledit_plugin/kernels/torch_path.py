@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 # Upper bound on the extra memory one chunk may use (3 fp32 chunk temporaries).
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 8 << 20
 
 
 def compute_dtype_for(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.dtype:

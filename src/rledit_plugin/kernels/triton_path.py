@@ -38,6 +38,7 @@ def _lowrank_update_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SOFT_BF16_W: tl.constexpr, SOFT_BF16_RES: tl.constexpr,
+    EARLY_W: tl.constexpr,
 ):
     # Grouped tile order: neighbouring programs share rows of L and columns
     # of R, so the factor re-reads mostly hit L2.
@@ -60,6 +61,17 @@ def _lowrank_update_kernel(
     in_m = offs_m < M
     in_k = offs_k < K
 
+    mask = in_m[:, None] & in_k[None, :]
+    w_ptrs = w_ptr + offs_m[:, None] * s_wm + offs_k[None, :] * s_wk
+    res_ptrs = res_ptr + offs_m[:, None] * s_resm + offs_k[None, :] * s_resk
+    if EARLY_W:
+        # Issue the W (and residual) tile loads before the rank loop so their
+        # latency overlaps the factor loads and the dot products.
+        # Kept in their storage dtype until the epilogue (fewer live registers).
+        w_raw = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+        if HAS_RES:
+            r_raw = tl.load(res_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -74,12 +86,13 @@ def _lowrank_update_kernel(
             # 16-bit factors: products are exact in fp32, accumulation is fp32.
             acc = tl.dot(a, b, acc)
 
-    mask = in_m[:, None] & in_k[None, :]
-    w_ptrs = w_ptr + offs_m[:, None] * s_wm + offs_k[None, :] * s_wk
-    w_old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if not EARLY_W:
+        w_raw = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+        if HAS_RES:
+            r_raw = tl.load(res_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    w_old = w_raw.to(tl.float32)
     if HAS_RES:
-        res_ptrs = res_ptr + offs_m[:, None] * s_resm + offs_k[None, :] * s_resk
-        s = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32) + alpha * acc
+        s = r_raw.to(tl.float32) + alpha * acc
         total = w_old + s
     else:
         total = w_old + alpha * acc
@@ -116,17 +129,23 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    early_w: bool = True  # load the W tile before the rank loop
 
 
 def default_config(n_rank: int, fp32_dot: bool, on_cpu: bool) -> KernelConfig:
-    """Tile shapes: big W tiles (memory-bound regime), rank step by operand size."""
+    """Tile shapes: big W tiles (memory-bound regime), rank step by operand size.
+
+    W is loaded before the rank loop for small ranks (latency hiding) and after
+    it for long loops (fewer live registers while the dots run).
+    """
+    early_w = n_rank <= 128
     if on_cpu:  # interpreter: fewer, larger numpy programs are faster
-        return KernelConfig(block_m=32, block_k=64, block_n=16 if n_rank <= 16 else 32)
+        return KernelConfig(block_m=32, block_k=64, block_n=16 if n_rank <= 16 else 32, early_w=early_w)
     if n_rank <= 16:
         block_n = 16
     else:
         block_n = 32 if fp32_dot else 64
-    return KernelConfig(block_n=block_n)
+    return KernelConfig(block_n=block_n, early_w=early_w)
 
 
 def default_precision(left: torch.Tensor, right: torch.Tensor) -> str:
@@ -184,6 +203,6 @@ def apply_low_rank_triton_(
             PRECISION=prec,
             SOFT_BF16_W=soft and weight.dtype == torch.bfloat16,
             SOFT_BF16_RES=soft and residual is not None and residual.dtype == torch.bfloat16,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            EARLY_W=cfg.early_w, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

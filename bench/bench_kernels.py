@@ -1,0 +1,313 @@
+"""Benchmark of the delta-application path (not a test).
+
+    python bench/bench_kernels.py                      # CPU, full grid
+    python bench/bench_kernels.py --device cuda --sweep --out-dir $OUT
+
+For each shape (M x K), weight dtype and rank N, times ``W += alpha * L @ R``:
+  copy      plain copy of W into another buffer (read + write: the floor's traffic)
+  naive     dense fp32 dW = L @ R, scale, cast, add (what the reference does)
+  addmm_    W.addmm_(L, R) with the factors cast to W's dtype (one BLAS call)
+  torch     apply_low_rank_(path="torch"), fp32 factors
+  torch+res same with an fp32 compensation residual (16-bit weights only)
+  triton*   apply_low_rank_(path="triton") variants (CUDA only)
+Achieved bandwidth counts W read once and written once (2 * W bytes) for every
+method, so "% of copy" is the fraction of the copy bandwidth the method reaches.
+Then the bf16 survival measurement: 2,000 random low-rank updates sized
+1e-4..1e-3 of ||W|| with and without compensation, against an fp64 sum.
+Prints markdown tables and writes JSON (+ markdown) under --out-dir.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from rledit_plugin.kernels import (  # noqa: E402
+    apply_low_rank_, make_residual, triton_available, update_survival)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ALPHA = 1e-4  # keeps W from drifting over hundreds of in-place repeats
+
+
+def machine_info(device):
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    except OSError:
+        info["cpu"] = platform.processor() or "?"
+    if triton_available():
+        import triton
+        info["triton"] = triton.__version__
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_sms"] = props.multi_processor_count
+        try:
+            info["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:  # noqa: BLE001 - informational only
+            pass
+    return info
+
+
+def timer(device, min_reps=3, max_reps=20, min_total_s=1.0):
+    """median seconds of fn() (after one warm-up)."""
+    if device == "cuda":
+        import triton.testing
+
+        def run(fn):
+            return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+        return run
+
+    def run(fn):
+        fn()
+        times = []
+        start = time.perf_counter()
+        while len(times) < min_reps or (time.perf_counter() - start < min_total_s and len(times) < max_reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    return run
+
+
+def gpu_ceilings(run):
+    """Matrix-product rates on random data (the arithmetic ceilings)."""
+    out = {}
+    for name, dtype, n in (("bf16", torch.bfloat16, 8192), ("fp32_ieee", torch.float32, 4096)):
+        a = torch.randn(n, n, device="cuda", dtype=dtype)
+        b = torch.randn(n, n, device="cuda", dtype=dtype)
+        out[f"matmul_{name}_tflops"] = 2 * n ** 3 / run(lambda: a @ b) / 1e12
+    return out
+
+
+def methods_for(device, dtype, rank, W, L, R, with_triton_variants):
+    """name -> zero-argument callable that applies one update in place."""
+    Lw, Rw = L.to(dtype), R.to(dtype)
+    out = {
+        "naive": lambda: W.add_((ALPHA * (L @ R)).to(dtype)),
+        "addmm_": lambda: W.addmm_(Lw, Rw, alpha=ALPHA),
+        "torch": lambda: apply_low_rank_(W, L, R, ALPHA, path="torch"),
+    }
+    if dtype != torch.float32:
+        res = make_residual(W, "fp32")
+        out["torch+res"] = lambda: apply_low_rank_(W, L, R, ALPHA, residual=res, path="torch")
+    if device == "cuda" and triton_available():
+        from rledit_plugin.kernels.triton_path import apply_low_rank_triton_
+        out["triton"] = lambda: apply_low_rank_(W, L, R, ALPHA, path="triton")  # fp32 factors, tf32x3
+        if with_triton_variants:
+            out["triton ieee"] = lambda: apply_low_rank_triton_(W, L, R, ALPHA, precision="ieee")
+            if dtype != torch.float32:
+                out["triton 16-bit factors"] = lambda: apply_low_rank_triton_(W, Lw, Rw, ALPHA)
+                res2 = make_residual(W, "fp32")
+                out["triton+res"] = lambda: apply_low_rank_(W, L, R, ALPHA, residual=res2, path="triton")
+                res3 = make_residual(W, "kahan")
+                out["triton+kahan"] = lambda: apply_low_rank_(W, L, R, ALPHA, residual=res3, path="triton")
+    return out
+
+
+def bench_grid(args, device, run, rows, deadline):
+    gen = torch.Generator().manual_seed(0)
+    for shape in args.shapes:
+        m, k = shape
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            W = (torch.randn(m, k, generator=gen) * 0.02).to(device, dtype)
+            dst = torch.empty_like(W)
+            t_copy = run(lambda: dst.copy_(W))
+            nbytes = 2 * W.numel() * W.element_size()
+            copy_gbs = nbytes / t_copy / 1e9
+            rows.append(dict(shape=f"{m}x{k}", dtype=dname, rank=0, method="copy", ms=t_copy * 1e3,
+                             gbs=copy_gbs, pct_copy=100.0, vs_naive=None))
+            for rank in args.ranks:
+                if time.time() > deadline:
+                    print(f"[budget] stopping before {m}x{k} {dname} rank {rank}", flush=True)
+                    return
+                L = (torch.randn(m, rank, generator=gen) / math.sqrt(rank)).to(device)
+                R = torch.randn(rank, k, generator=gen).to(device)
+                variants = args.sweep or device != "cuda"
+                timings = {}
+                for name, fn in methods_for(device, dtype, rank, W, L, R, variants).items():
+                    try:
+                        timings[name] = run(fn)
+                    except Exception as exc:  # noqa: BLE001 - record and go on
+                        print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
+                for name, t in timings.items():
+                    gbs = nbytes / t / 1e9
+                    rows.append(dict(shape=f"{m}x{k}", dtype=dname, rank=rank, method=name, ms=t * 1e3,
+                                     gbs=gbs, pct_copy=100.0 * gbs / copy_gbs,
+                                     vs_naive=timings["naive"] / t if "naive" in timings else None,
+                                     tflops=2 * m * k * rank / t / 1e12))
+                print(f"{m}x{k} {dname} r={rank}: " + ", ".join(
+                    f"{n} {t * 1e3:.2f}ms" for n, t in timings.items()), flush=True)
+            del W, dst
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def sweep_configs(device, run, rows, deadline, shape=(4096, 14336)):
+    """Triton tile shapes on the bf16 4096x14336 case (GPU only)."""
+    from rledit_plugin.kernels.triton_path import KernelConfig, apply_low_rank_triton_
+    gen = torch.Generator().manual_seed(1)
+    m, k = shape
+    W = (torch.randn(m, k, generator=gen) * 0.02).to(device, torch.bfloat16)
+    dst = torch.empty_like(W)
+    t_copy = run(lambda: dst.copy_(W))
+    nbytes = 2 * W.numel() * W.element_size()
+    shapes = [(128, 128, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 256, 8, 3),
+              (128, 64, 4, 4), (256, 128, 8, 3)]
+    configs = [KernelConfig(bm, bk, 32, 8, warps, stages, early)
+               for bm, bk, warps, stages in shapes for early in (True, False)]
+    for rank in (1, 64, 256):
+        L = (torch.randn(m, rank, generator=gen) / math.sqrt(rank)).to(device)
+        R = torch.randn(rank, k, generator=gen).to(device)
+        for cfg in configs:
+            if time.time() > deadline:
+                return
+            if rank <= 16:
+                cfg = KernelConfig(cfg.block_m, cfg.block_k, 16, cfg.group_m, cfg.num_warps, cfg.num_stages,
+                                   cfg.early_w)
+            try:
+                t = run(lambda: apply_low_rank_triton_(W, L, R, ALPHA, config=cfg))
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                print(f"  sweep {cfg} failed: {type(exc).__name__}", flush=True)
+                continue
+            rows.append(dict(rank=rank, config=cfg.__dict__, ms=t * 1e3, pct_copy=100.0 * t_copy / t))
+            print(f"sweep r={rank} {cfg}: {t * 1e3:.3f} ms ({100.0 * t_copy / t:.0f}% of copy)", flush=True)
+
+
+def survival(args, device, rows):
+    """2,000 random updates of relative size 1e-4..1e-3 to one weight matrix."""
+    m, k = args.survival_shape
+    for dname, mode in (("bf16", "none"), ("bf16", "kahan"), ("bf16", "fp32"),
+                        ("fp16", "none"), ("fp16", "fp32"), ("fp32", "none")):
+        gen = torch.Generator().manual_seed(2)
+        w = (torch.randn(m, k, generator=gen, dtype=torch.float64) * 0.02).to(device, DTYPES[dname])
+        start = w.double()
+        ref = start.clone()
+        res = make_residual(w, mode)
+        wnorm = float(start.norm())
+        t0 = time.perf_counter()
+        for _ in range(args.survival_updates):
+            rank = int(torch.randint(1, 9, (1,), generator=gen))
+            rel = 10 ** float(torch.empty(1).uniform_(-4, -3, generator=gen))
+            L = torch.randn(m, rank, generator=gen, dtype=torch.float64).to(device)
+            R = torch.randn(rank, k, generator=gen, dtype=torch.float64).to(device)
+            L *= rel * wnorm / float((L @ R).norm())
+            ref += L @ R
+            apply_low_rank_(w, L.float(), R.float(), 1.0, residual=res)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        s = update_survival(start, w, ref - start)
+        tracked = w.double() + (res.double() if res is not None else 0.0)
+        rows.append(dict(dtype=dname, accumulate=mode, updates=args.survival_updates, shape=f"{m}x{k}",
+                         fraction=s["fraction"], rel_error=s["rel_error"],
+                         tracked_rel_error=update_survival(start, tracked, ref - start)["rel_error"],
+                         intended_rel=float((ref - start).norm()) / wnorm,
+                         ms_per_update=elapsed / args.survival_updates * 1e3))
+        print(f"survival {dname} {mode}: fraction {s['fraction']:.4f}, rel_error {s['rel_error']:.4f}",
+              flush=True)
+
+
+def markdown(result):
+    lines = []
+    info = result["machine"]
+    lines.append(f"Device: {result['device']} ({info.get('gpu', info.get('cpu'))}); "
+                 f"torch {info['torch']}, triton {info.get('triton', '-')}, nproc {info['nproc']}, "
+                 f"torch threads {info['torch_threads']}, load average at start {info.get('loadavg_start')}.")
+    ceil = {k: round(v, 1) for k, v in info.items() if k.startswith("matmul_")}
+    if ceil:
+        lines.append(f"Matrix-product ceilings (TFLOP/s, random data): {ceil}.")
+    lines.append("")
+    lines.append("| shape | dtype | rank | method | median ms | GB/s | % of copy | x naive |")
+    lines.append("|---|---|---:|---|---:|---:|---:|---:|")
+    for r in result["grid"]:
+        xn = "" if r["vs_naive"] is None else f"{r['vs_naive']:.2f}"
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['rank'] or '-'} | {r['method']} | {r['ms']:.3f} | "
+                     f"{r['gbs']:.1f} | {r['pct_copy']:.0f} | {xn} |")
+    if result.get("sweep"):
+        lines += ["", "Triton tile sweep, bf16 4096x14336, fp32 factors:", "",
+                  "| rank | BLOCK_M | BLOCK_K | BLOCK_N | warps | stages | W early | ms | % of copy |",
+                  "|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for r in result["sweep"]:
+            c = r["config"]
+            lines.append(f"| {r['rank']} | {c['block_m']} | {c['block_k']} | {c['block_n']} | {c['num_warps']} | "
+                         f"{c['num_stages']} | {c['early_w']} | {r['ms']:.3f} | {r['pct_copy']:.0f} |")
+    if result.get("survival"):
+        lines += ["", "| weights | accumulate | updates | shape | intended ‖ΔW‖/‖W‖ | survived fraction | "
+                  "rel. error of W | rel. error of W + residual | ms/update |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        for r in result["survival"]:
+            lines.append(f"| {r['dtype']} | {r['accumulate']} | {r['updates']} | {r['shape']} | "
+                         f"{r['intended_rel']:.4f} | {r['fraction']:.4f} | {r['rel_error']:.4f} | "
+                         f"{r['tracked_rel_error']:.2e} | {r['ms_per_update']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_shapes(text):
+    return [tuple(int(x) for x in s.lower().split("x")) for s in text.split(",") if s]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("4096x14336,14336x4096"))
+    p.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256, 1024])
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"])
+    p.add_argument("--sweep", action="store_true", help="GPU: also time Triton tile configs and variants")
+    p.add_argument("--survival-updates", type=int, default=2000)
+    p.add_argument("--survival-shape", type=lambda s: parse_shapes(s)[0], default=(1024, 2048))
+    p.add_argument("--skip-grid", action="store_true")
+    p.add_argument("--budget-s", type=float, default=3600.0, help="stop starting new grid points after this")
+    p.add_argument("--sweep-budget-s", type=float, default=90.0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out-dir", default="bench/results")
+    args = p.parse_args(argv)
+
+    device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    deadline = time.time() + args.budget_s
+    result = {"device": device, "machine": machine_info(device), "command": " ".join(sys.argv),
+              "alpha": ALPHA, "grid": [], "sweep": [], "survival": []}
+    result["machine"]["loadavg_start"] = os.getloadavg()
+    print(json.dumps(result["machine"]), flush=True)
+    run = timer(device)
+    if device == "cuda":
+        result["machine"].update(gpu_ceilings(run))
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"bench_kernels_{device}.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        with open(path[:-5] + ".md", "w") as f:
+            f.write(markdown(result) + "\n")
+
+    if not args.skip_grid:
+        bench_grid(args, device, run, result["grid"], deadline)
+        save()
+    if args.sweep and device == "cuda" and triton_available():
+        sweep_configs(device, run, result["sweep"], time.time() + args.sweep_budget_s)
+        save()
+    if args.survival_updates > 0:
+        survival(args, device, result["survival"])
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    save()
+    print(markdown(result))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
