@@ -28,7 +28,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+try:
+    import rledit_plugin.kernels  # noqa: F401  installed, or on PYTHONPATH
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from rledit_plugin.kernels import (  # noqa: E402
     apply_low_rank_, make_residual, triton_available, update_survival)
 
@@ -66,7 +69,7 @@ def timer(device, min_reps=3, max_reps=20, min_total_s=1.0):
         import triton.testing
 
         def run(fn):
-            return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
         return run
 
     def run(fn):
