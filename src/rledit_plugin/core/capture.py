@@ -105,7 +105,7 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
             out_grads = torch.autograd.grad(loss, [outputs[n] for n in names])
             for name, g in zip(names, out_grads):
                 grads[name].append(at_least_fp32(g[mask]))
-            total_loss += float(loss)
+            total_loss += float(loss.detach())
     cat_keys = {n: torch.cat(v) for n, v in keys.items()}
     cat_grads = {n: torch.cat(v) for n, v in grads.items()}
     rows = {t.shape[0] for t in list(cat_keys.values()) + list(cat_grads.values())}

@@ -24,7 +24,7 @@ from ..kernels import apply_low_rank_, make_residual
 from ..models import default_edit_modules, get_module, io_dims, model_device, weight_view
 from .capture import Capture, capture
 from .hypernet import HyperNetwork
-from .solve import ridge_dual
+from .solve import GramFactor, ridge_dual
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Update:
     coeffs: Dict[str, torch.Tensor]   # (N, d_out)
     capture: Optional[Capture] = None
     values: Dict[str, torch.Tensor] = field(default_factory=dict)  # D, (N, d_out)
+    factors: Dict[str, GramFactor] = field(default_factory=dict)   # reused by the trainer's backward
 
 
 def norm_state(net: nn.Module) -> Dict[str, torch.Tensor]:
@@ -96,16 +97,16 @@ class RLEditor:
         batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
         cap = capture(self.model, self.modules, batch, minibatch=hp.edit_minibatch)
         update_norm = hp.lifelong_norm if update_norm is None else update_norm
-        keys, coeffs, values = {}, {}, {}
+        keys, coeffs, values, factors = {}, {}, {}, {}
         with torch.no_grad():
             for name in self.modules:
                 k, g = cap.keys[name], cap.grads[name]
                 if update_norm:
                     self.hypernet.update_norm(name, k, g)
                 d = self.hypernet.values(name, k, g)
-                coeffs[name] = ridge_dual(k, d, self.hypernet.lam(name))
+                coeffs[name], factors[name] = ridge_dual(k, d, self.hypernet.lam(name), return_factor=True)
                 keys[name], values[name] = k, d
-        return Update(keys, coeffs, cap, values)
+        return Update(keys, coeffs, cap, values, factors)
 
     def apply(self, update: Update, alpha: float = 1.0) -> None:
         """``W += alpha * dW`` for every edited module, in place, low rank."""

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data.records import EditRecord, IGNORE_INDEX, locality_batch, paraphrase_batch
 from ..hparams import RLEditTrainingHyperParams
-from ..models import model_device, weight_view
+from ..models import is_conv1d, model_device
 from .capture import at_least_fp32, answer_token_loss, eval_mode, frozen_parameters
 from .editor import RLEditor, Update, load_norm_state, norm_state
 from .hypernet import HyperNetwork
@@ -130,7 +130,7 @@ class SequenceTrainer:
                         logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
                         loss = w * answer_token_loss(logits, mb["labels"], "sum") / n
                         loss.backward()
-                        stats["gen"] += float(loss)
+                        stats["gen"] += float(loss.detach())
                 if lb.loc is not None and hp.loc_coef > 0:
                     n = _n_answer(lb.loc)
                     for mb, p_old in zip(_chunks(lb.loc, hp.loss_minibatch), ref_lb):
@@ -138,7 +138,7 @@ class SequenceTrainer:
                         kl = F.kl_div(logq, p_old, log_target=True, reduction="sum")
                         loss = w * hp.loc_coef * kl / n
                         loss.backward()
-                        stats["loc"] += float(loss)
+                        stats["loc"] += float(loss.detach())
         return stats
 
     def _meta_backward(self, update: Update, scale: float) -> float:
@@ -147,15 +147,15 @@ class SequenceTrainer:
         for name, module in self.editor.modules.items():
             k, c = update.keys[name], update.coeffs[name]
             grad = module.weight.grad
-            grad_out_in = torch.zeros_like(weight_view(module)) if grad is None else (
-                grad.t() if grad.shape != weight_view(module).shape else grad)
-            kg = project_weight_grad(k, grad_out_in)
+            if grad is None:      # the losses did not reach this module
+                grad = torch.zeros_like(module.weight)
+            kg = project_weight_grad(k, grad.t() if is_conv1d(module) else grad)
             reg_value, reg_kg = l2_term_kg(k, c, hp.reg_coef)
             reg_total += float(reg_value)
             if hp.reg_mode == "paper":
                 kg = kg + reg_kg
             lam = self.net.lam(name)
-            d_coeff, d_lam = ridge_dual_backward(k, c, kg, lam.detach())
+            d_coeff, d_lam = ridge_dual_backward(k, c, kg, lam.detach(), update.factors.get(name))
             values = self.net.values(name, k, update.capture.grads[name])   # with graph
             surrogate = (d_coeff * values).sum() + (d_lam * lam).sum()
             (surrogate * scale).backward()
