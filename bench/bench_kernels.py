@@ -63,13 +63,13 @@ def machine_info(device):
     return info
 
 
-def timer(device, min_reps=3, max_reps=20, min_total_s=1.0):
-    """median seconds of fn() (after one warm-up)."""
+def timer(device, min_reps=3, max_reps=20, min_total_s=1.0, rep_ms=100):
+    """median seconds of fn() (after warm-up)."""
     if device == "cuda":
         import triton.testing
 
         def run(fn):
-            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+            return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") / 1e3
         return run
 
     def run(fn):
@@ -94,32 +94,45 @@ def gpu_ceilings(run):
     return out
 
 
-def methods_for(device, dtype, rank, W, L, R, with_triton_variants):
-    """name -> zero-argument callable that applies one update in place."""
+def methods_for(device, dtype, rank, W, L, R, tuned=None):
+    """name -> (zero-argument callable applying one update in place, extra bytes it must move)."""
     Lw, Rw = L.to(dtype), R.to(dtype)
     out = {
-        "naive": lambda: W.add_((ALPHA * (L @ R)).to(dtype)),
-        "addmm_": lambda: W.addmm_(Lw, Rw, alpha=ALPHA),
-        "torch": lambda: apply_low_rank_(W, L, R, ALPHA, path="torch"),
+        "naive": (lambda: W.add_((ALPHA * (L @ R)).to(dtype)), 0),
+        "addmm_": (lambda: W.addmm_(Lw, Rw, alpha=ALPHA), 0),
+        "torch": (lambda: apply_low_rank_(W, L, R, ALPHA, path="torch"), 0),
     }
+    res_bytes = 2 * W.numel() * 4  # fp32 residual read + written
     if dtype != torch.float32:
         res = make_residual(W, "fp32")
-        out["torch+res"] = lambda: apply_low_rank_(W, L, R, ALPHA, residual=res, path="torch")
+        out["torch+res"] = (lambda: apply_low_rank_(W, L, R, ALPHA, residual=res, path="torch"), res_bytes)
     if device == "cuda" and triton_available():
-        from rledit_plugin.kernels.triton_path import apply_low_rank_triton_
-        out["triton"] = lambda: apply_low_rank_(W, L, R, ALPHA, path="triton")  # fp32 factors, tf32x3
-        if with_triton_variants:
-            out["triton ieee"] = lambda: apply_low_rank_triton_(W, L, R, ALPHA, precision="ieee")
-            if dtype != torch.float32:
-                out["triton 16-bit factors"] = lambda: apply_low_rank_triton_(W, Lw, Rw, ALPHA)
-                res2 = make_residual(W, "fp32")
-                out["triton+res"] = lambda: apply_low_rank_(W, L, R, ALPHA, residual=res2, path="triton")
-                res3 = make_residual(W, "kahan")
-                out["triton+kahan"] = lambda: apply_low_rank_(W, L, R, ALPHA, residual=res3, path="triton")
+        from rledit_plugin.kernels.triton_path import apply_low_rank_triton_, nearest_config
+
+        def cfg(mode, n):  # tile shape measured best by the sweep of this run, if any
+            return nearest_config(tuned[mode], n) if tuned and tuned.get(mode) else None
+
+        def kernel(left, right, prec, residual=None):
+            mode = "native16" if left.dtype != torch.float32 or prec == "bf16x3" else prec
+            n = left.shape[1] * (3 if prec == "bf16x3" and left.dtype == torch.float32 else 1)
+            c = cfg(mode, n)
+            return lambda: apply_low_rank_triton_(W, left, right, ALPHA, residual, config=c, precision=prec)
+
+        out["triton tf32x3"] = (kernel(L, R, "tf32x3"), 0)
+        out["triton bf16x3"] = (kernel(L, R, "bf16x3"), 0)
+        if rank <= 64:
+            out["triton ieee"] = (kernel(L, R, "ieee"), 0)
+        if dtype != torch.float32:
+            out["triton 16-bit factors"] = (kernel(Lw, Rw, None), 0)
+            for prec in ("tf32x3", "bf16x3"):
+                r = make_residual(W, "fp32")
+                out[f"triton+res {prec}"] = (kernel(L, R, prec, r), res_bytes)
+            r16 = make_residual(W, "kahan")
+            out["triton+kahan bf16x3"] = (kernel(L, R, "bf16x3", r16), 2 * W.numel() * W.element_size())
     return out
 
 
-def bench_grid(args, device, run, rows, deadline):
+def bench_grid(args, device, run, rows, deadline, tuned=None):
     gen = torch.Generator().manual_seed(0)
     for shape in args.shapes:
         m, k = shape
@@ -138,17 +151,18 @@ def bench_grid(args, device, run, rows, deadline):
                     return
                 L = (torch.randn(m, rank, generator=gen) / math.sqrt(rank)).to(device)
                 R = torch.randn(rank, k, generator=gen).to(device)
-                variants = args.sweep or device != "cuda"
-                timings = {}
-                for name, fn in methods_for(device, dtype, rank, W, L, R, variants).items():
+                timings, extra = {}, {}
+                for name, (fn, extra_bytes) in methods_for(device, dtype, rank, W, L, R, tuned).items():
                     try:
                         timings[name] = run(fn)
+                        extra[name] = extra_bytes
                     except Exception as exc:  # noqa: BLE001 - record and go on
                         print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
                 for name, t in timings.items():
                     gbs = nbytes / t / 1e9
                     rows.append(dict(shape=f"{m}x{k}", dtype=dname, rank=rank, method=name, ms=t * 1e3,
                                      gbs=gbs, pct_copy=100.0 * gbs / copy_gbs,
+                                     pct_own_floor=100.0 * (nbytes + extra[name]) / t / 1e9 / copy_gbs,
                                      vs_naive=timings["naive"] / t if "naive" in timings else None,
                                      tflops=2 * m * k * rank / t / 1e12))
                 print(f"{m}x{k} {dname} r={rank}: " + ", ".join(
@@ -158,35 +172,81 @@ def bench_grid(args, device, run, rows, deadline):
                 torch.cuda.empty_cache()
 
 
+SWEEP_SHAPES = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4),
+                (256, 64, 8, 4), (128, 64, 8, 3)]
+SWEEP_RANKS = {"native16": (1, 3, 16, 48, 64, 192, 256, 768, 1024), "tf32x3": (1, 16, 64, 256, 1024),
+               "ieee": (1, 16)}
+
+
 def sweep_configs(device, run, rows, deadline, shape=(4096, 14336)):
-    """Triton tile shapes on the bf16 4096x14336 case (GPU only)."""
+    """Time tile shapes per dot mode and rank on a bf16 W; returns {mode: [(rank, best config)]}."""
     from rledit_plugin.kernels.triton_path import KernelConfig, apply_low_rank_triton_
     gen = torch.Generator().manual_seed(1)
     m, k = shape
     W = (torch.randn(m, k, generator=gen) * 0.02).to(device, torch.bfloat16)
     dst = torch.empty_like(W)
     t_copy = run(lambda: dst.copy_(W))
-    nbytes = 2 * W.numel() * W.element_size()
-    shapes = [(128, 128, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 256, 8, 3),
-              (128, 64, 4, 4), (256, 128, 8, 3)]
-    configs = [KernelConfig(bm, bk, 32, 8, warps, stages, early)
-               for bm, bk, warps, stages in shapes for early in (True, False)]
-    for rank in (1, 64, 256):
-        L = (torch.randn(m, rank, generator=gen) / math.sqrt(rank)).to(device)
-        R = torch.randn(rank, k, generator=gen).to(device)
-        for cfg in configs:
-            if time.time() > deadline:
-                return
-            if rank <= 16:
-                cfg = KernelConfig(cfg.block_m, cfg.block_k, 16, cfg.group_m, cfg.num_warps, cfg.num_stages,
-                                   cfg.early_w)
-            try:
-                t = run(lambda: apply_low_rank_triton_(W, L, R, ALPHA, config=cfg))
-            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                print(f"  sweep {cfg} failed: {type(exc).__name__}", flush=True)
-                continue
-            rows.append(dict(rank=rank, config=cfg.__dict__, ms=t * 1e3, pct_copy=100.0 * t_copy / t))
-            print(f"sweep r={rank} {cfg}: {t * 1e3:.3f} ms ({100.0 * t_copy / t:.0f}% of copy)", flush=True)
+    best = {}
+    for mode, ranks in SWEEP_RANKS.items():
+        for rank in ranks:
+            L = (torch.randn(m, rank, generator=gen) / math.sqrt(rank)).to(device)
+            R = torch.randn(rank, k, generator=gen).to(device)
+            if mode == "native16":
+                L, R = L.bfloat16(), R.bfloat16()
+            block_n = 16 if rank <= 16 else (64 if mode == "native16" else 32)
+            for bm, bk, warps, stages in SWEEP_SHAPES:
+                for early in (True, False):
+                    if time.time() > deadline:
+                        print("[budget] sweep stopped", flush=True)
+                        return {md: sorted(v.items()) for md, v in _winners(best).items()}
+                    cfg = KernelConfig(bm, bk, block_n, 8, warps, stages, early)
+                    prec = None if mode == "native16" else mode
+                    try:
+                        t = run(lambda: apply_low_rank_triton_(W, L, R, ALPHA, config=cfg, precision=prec))
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                        print(f"  sweep {mode} {cfg} failed: {type(exc).__name__}", flush=True)
+                        continue
+                    rows.append(dict(mode=mode, rank=rank, config=cfg.__dict__, ms=t * 1e3,
+                                     pct_copy=100.0 * t_copy / t))
+                    best.setdefault(mode, {}).setdefault(rank, []).append((t, cfg))
+            t_best, c_best = min(best[mode][rank], key=lambda x: x[0])
+            print(f"sweep {mode} r={rank}: best {c_best} {t_best * 1e3:.3f} ms "
+                  f"({100.0 * t_copy / t_best:.0f}% of copy)", flush=True)
+    return {md: sorted(v.items()) for md, v in _winners(best).items()}
+
+
+def _winners(best):
+    return {mode: {rank: min(ts, key=lambda x: x[0])[1] for rank, ts in per_rank.items()}
+            for mode, per_rank in best.items()}
+
+
+def accuracy(device, rows, m=1024, k=2048, ranks=(64, 1024)):
+    """Relative error of the applied delta against fp64, per dot mode (W starts at 0, fp32)."""
+    gen = torch.Generator().manual_seed(3)
+    for rank in ranks:
+        L = (torch.randn(m, rank, generator=gen, dtype=torch.float64) / math.sqrt(rank))
+        R = torch.randn(rank, k, generator=gen, dtype=torch.float64)
+        ref = L @ R
+        bound = L.abs() @ R.abs()
+        cases = {"torch (addmm_ fp32)": dict(path="torch")}
+        if triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            for prec in ("ieee", "tf32x3", "bf16x3", "tf32"):
+                cases[f"triton {prec}"] = dict(precision=prec)
+            cases["triton 16-bit factors (bf16-rounded)"] = dict(precision=None, bf16=True)
+        for name, kw in cases.items():
+            W = torch.zeros(m, k, device=device)
+            l, r = L.float().to(device), R.float().to(device)
+            if kw.get("bf16"):
+                l, r = l.bfloat16(), r.bfloat16()
+            if kw.get("path") == "torch":
+                apply_low_rank_(W, l, r, 1.0, path="torch")
+            else:
+                from rledit_plugin.kernels.triton_path import apply_low_rank_triton_
+                apply_low_rank_triton_(W, l, r, 1.0, precision=kw.get("precision"))
+            err = W.double().cpu() - ref
+            rows.append(dict(method=name, rank=rank, rel_error=float(err.norm() / ref.norm()),
+                             max_err_over_abs_product=float((err.abs() / bound).max())))
+            print(f"accuracy r={rank} {name}: rel {rows[-1]['rel_error']:.2e}", flush=True)
 
 
 def survival(args, device, rows):
@@ -233,20 +293,30 @@ def markdown(result):
     if ceil:
         lines.append(f"Matrix-product ceilings (TFLOP/s, random data): {ceil}.")
     lines.append("")
-    lines.append("| shape | dtype | rank | method | median ms | GB/s | % of copy | x naive |")
-    lines.append("|---|---|---:|---|---:|---:|---:|---:|")
+    lines.append("GB/s and % of copy count W read + written once; '% own floor' adds the residual's bytes.")
+    lines.append("")
+    lines.append("| shape | dtype | rank | method | median ms | GB/s | % of copy | % own floor | x naive |")
+    lines.append("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for r in result["grid"]:
         xn = "" if r["vs_naive"] is None else f"{r['vs_naive']:.2f}"
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['rank'] or '-'} | {r['method']} | {r['ms']:.3f} | "
-                     f"{r['gbs']:.1f} | {r['pct_copy']:.0f} | {xn} |")
-    if result.get("sweep"):
-        lines += ["", "Triton tile sweep, bf16 4096x14336, fp32 factors:", "",
-                  "| rank | BLOCK_M | BLOCK_K | BLOCK_N | warps | stages | W early | ms | % of copy |",
-                  "|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                     f"{r['gbs']:.1f} | {r['pct_copy']:.0f} | {r.get('pct_own_floor', 100.0):.0f} | {xn} |")
+    if result.get("tuned"):
+        lines += ["", "Tile shape used per dot mode and rank (best of the sweep):", "",
+                  "| mode | rank | BLOCK_M | BLOCK_K | BLOCK_N | warps | stages | W early | ms | % of copy |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for r in result["sweep"]:
             c = r["config"]
-            lines.append(f"| {r['rank']} | {c['block_m']} | {c['block_k']} | {c['block_n']} | {c['num_warps']} | "
-                         f"{c['num_stages']} | {c['early_w']} | {r['ms']:.3f} | {r['pct_copy']:.0f} |")
+            if c in [cfg for rank, cfg in result["tuned"].get(r["mode"], []) if rank == r["rank"]]:
+                lines.append(f"| {r['mode']} | {r['rank']} | {c['block_m']} | {c['block_k']} | {c['block_n']} | "
+                             f"{c['num_warps']} | {c['num_stages']} | {c['early_w']} | {r['ms']:.3f} | "
+                             f"{r['pct_copy']:.0f} |")
+    if result.get("accuracy"):
+        lines += ["", "Accuracy of the applied delta (fp32 W from 0, 1024x2048), against fp64:", "",
+                  "| method | rank | rel. error | max err / (abs(L) @ abs(R)) |", "|---|---:|---:|---:|"]
+        for r in result["accuracy"]:
+            lines.append(f"| {r['method']} | {r['rank']} | {r['rel_error']:.2e} | "
+                         f"{r['max_err_over_abs_product']:.2e} |")
     if result.get("survival"):
         lines += ["", "| weights | accumulate | updates | shape | intended ‖ΔW‖/‖W‖ | survived fraction | "
                   "rel. error of W | rel. error of W + residual | ms/update |",
@@ -268,11 +338,13 @@ def main(argv=None):
     p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("4096x14336,14336x4096"))
     p.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256, 1024])
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"])
-    p.add_argument("--sweep", action="store_true", help="GPU: also time Triton tile configs and variants")
+    p.add_argument("--sweep", action="store_true",
+                   help="GPU: first time Triton tile shapes, then run the grid with the best ones")
     p.add_argument("--survival-updates", type=int, default=2000)
     p.add_argument("--survival-shape", type=lambda s: parse_shapes(s)[0], default=(1024, 2048))
     p.add_argument("--skip-grid", action="store_true")
-    p.add_argument("--budget-s", type=float, default=3600.0, help="stop starting new grid points after this")
+    p.add_argument("--budget-s", type=float, default=3600.0,
+                   help="grid: start no new point after this many seconds")
     p.add_argument("--sweep-budget-s", type=float, default=90.0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out-dir", default="bench/results")
@@ -281,7 +353,6 @@ def main(argv=None):
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    deadline = time.time() + args.budget_s
     result = {"device": device, "machine": machine_info(device), "command": " ".join(sys.argv),
               "alpha": ALPHA, "grid": [], "sweep": [], "survival": []}
     result["machine"]["loadavg_start"] = os.getloadavg()
@@ -298,14 +369,19 @@ def main(argv=None):
         with open(path[:-5] + ".md", "w") as f:
             f.write(markdown(result) + "\n")
 
-    if not args.skip_grid:
-        bench_grid(args, device, run, result["grid"], deadline)
-        save()
-    if args.sweep and device == "cuda" and triton_available():
-        sweep_configs(device, run, result["sweep"], time.time() + args.sweep_budget_s)
-        save()
+    result["accuracy"] = []
+    accuracy(device, result["accuracy"])
     if args.survival_updates > 0:
         survival(args, device, result["survival"])
+    save()
+    tuned = None
+    if args.sweep and device == "cuda" and triton_available():
+        tuned = sweep_configs(device, timer(device, rep_ms=40), result["sweep"],
+                              time.time() + args.sweep_budget_s)
+        result["tuned"] = {mode: [(rank, c.__dict__) for rank, c in pts] for mode, pts in tuned.items()}
+        save()
+    if not args.skip_grid:
+        bench_grid(args, device, run, result["grid"], time.time() + args.budget_s, tuned)
     result["machine"]["loadavg_end"] = os.getloadavg()
     save()
     print(markdown(result))

@@ -264,6 +264,36 @@ def test_triton_interpreter_multi_tile_shape(interpreter):
     run_case("triton", torch.bfloat16, "transposed", 40, m=97, k=130, seed=5)
 
 
+# bf16x3 represents each fp32 factor by two bf16 parts (~16 significant bits):
+# per product |error| <= ~3 * 2^-16 |l r|, accumulated in fp32.
+BF16X3_TOL = 6e-5
+
+
+def test_bf16x3_split_reconstructs_the_product():
+    from rledit_plugin.kernels.triton_path import split_bf16x3
+    gen = torch.Generator().manual_seed(9)
+    left, right = make_factors(40, 70, 13, gen)
+    l3, r3 = split_bf16x3(left, right)
+    assert l3.dtype == r3.dtype == torch.bfloat16 and l3.shape == (40, 39) and r3.shape == (39, 70)
+    err = (l3.double() @ r3.double() - left.double() @ right.double()).abs()
+    bound = 3 * 2.0 ** -16 * (left.double().abs() @ right.double().abs())
+    assert (err <= bound).all()
+    assert err.max() > 0  # and it is not exact: a genuine approximation
+
+
+@pytest.mark.parametrize("precision", ("ieee", "tf32x3", "tf32", "bf16x3"))
+def test_triton_interpreter_precisions(interpreter, precision):
+    from rledit_plugin.kernels.triton_path import apply_low_rank_triton_
+    gen = torch.Generator().manual_seed(10)
+    weight, _ = make_weight(37, 41, torch.float32, "transposed", gen)
+    left, right = make_factors(37, 41, 19, gen)
+    ref = reference(weight, left, right, 0.9)
+    apply_low_rank_triton_(weight, left, right, 0.9, precision=precision)
+    assert_matches(weight, ref, left, right, 0.9, accum_tol=BF16X3_TOL if precision == "bf16x3" else 1e-5)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        apply_low_rank_triton_(weight, left, right, 0.9, precision="fp8")
+
+
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     if not triton_available():
         pytest.skip("triton is not importable")
@@ -275,6 +305,7 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 def test_auto_uses_torch_on_cpu():
     assert resolve_path(torch.zeros(2, 2), "auto") == "torch"
+    assert resolve_path(torch.zeros(2, 2, dtype=torch.bfloat16), "auto", torch.zeros(2, 2)) == "torch"
     with pytest.raises(ValueError, match="path must be one of"):
         resolve_path(torch.zeros(2, 2), "cuda")
 
@@ -402,8 +433,9 @@ def test_cuda_triton_matches_fp64(monkeypatch, dtype, layout, rank):
     left, right = make_factors(m, k, rank, gen, device="cuda")
     ref = reference(weight.cpu(), left.cpu(), right.cpu(), 0.37)
     before = storage.clone()
-    assert resolve_path(weight, "auto") == "triton"
-    apply_low_rank_(weight, left, right, 0.37)
+    # auto: cuBLAS addmm_ for fp32 weights without residual, the kernel otherwise
+    assert resolve_path(weight, "auto") == ("torch" if dtype == torch.float32 else "triton")
+    apply_low_rank_(weight, left, right, 0.37, path="triton")
     torch.cuda.synchronize()
     assert_matches(weight.cpu(), ref, left.cpu(), right.cpu(), 0.37)
     if layout == "strided":
@@ -412,7 +444,7 @@ def test_cuda_triton_matches_fp64(monkeypatch, dtype, layout, rank):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("precision", ("ieee", "tf32x3"))
+@pytest.mark.parametrize("precision", ("ieee", "tf32x3", "bf16x3"))
 @pytest.mark.parametrize("factor_dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 def test_cuda_triton_factor_dtypes_and_precisions(monkeypatch, factor_dtype, precision):
     from rledit_plugin.kernels.triton_path import apply_low_rank_triton_
@@ -424,7 +456,8 @@ def test_cuda_triton_factor_dtypes_and_precisions(monkeypatch, factor_dtype, pre
         ref = reference(weight.cpu(), left.cpu(), right.cpu(), -0.6)
         apply_low_rank_triton_(weight, left, right, -0.6, precision=precision)
         torch.cuda.synchronize()
-        assert_matches(weight.cpu(), ref, left.cpu(), right.cpu(), -0.6)
+        assert_matches(weight.cpu(), ref, left.cpu(), right.cpu(), -0.6,
+                       accum_tol=BF16X3_TOL if precision == "bf16x3" else 1e-5)
 
 
 @needs_cuda
@@ -466,6 +499,15 @@ def many_small_updates_cuda(mode, n_updates=500, rel=3e-4):
         ref += left @ right
         apply_low_rank_(w, left.float().cuda(), right.float().cuda(), 1.0, residual=res)
     return start, w.cpu(), res, ref
+
+
+@needs_cuda
+@needs_triton
+def test_cuda_auto_dispatch():
+    fp32, bf16 = torch.zeros(8, 8, device="cuda"), torch.zeros(8, 8, device="cuda", dtype=torch.bfloat16)
+    assert resolve_path(fp32, "auto") == "torch"
+    assert resolve_path(fp32, "auto", torch.zeros_like(fp32)) == "triton"
+    assert resolve_path(bf16, "auto") == "triton"
 
 
 @needs_cuda

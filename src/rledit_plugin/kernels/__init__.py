@@ -10,7 +10,8 @@ Public API (the editor calls it for every weight update; every caller speaks
 
 ``path``: ``"torch"`` (exact chunked ``addmm_``, any device), ``"triton"`` (fused
 kernel; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton
-for CUDA tensors when Triton imports, else torch).
+for CUDA tensors when Triton imports, except fp32 weights without a residual,
+which take one cuBLAS ``addmm_``; torch everywhere else).
 """
 from __future__ import annotations
 
@@ -41,13 +42,21 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_path(weight: torch.Tensor, path: str = "auto") -> str:
-    """The concrete path ("torch" or "triton") a call with ``path`` takes for ``weight``."""
+def resolve_path(weight: torch.Tensor, path: str = "auto", residual: Optional[torch.Tensor] = None) -> str:
+    """The concrete path ("torch" or "triton") a call with ``path`` takes for ``weight``.
+
+    "auto" takes Triton for CUDA tensors except for fp32/fp64 weights without a
+    residual: there no rounding happens on store and ``addmm_`` (cuBLAS) is one
+    fused, exact fp32 pass that measured faster than the kernel (docs/BENCHMARKS.md).
+    """
     if path not in PATHS:
         raise ValueError(f"apply_low_rank_: path must be one of {', '.join(PATHS)}, got {path!r}")
     if path == "auto":
-        fits = weight.numel() <= _TRITON_MAX_ELEMENTS and weight.dtype != torch.float64
-        return "triton" if weight.is_cuda and fits and triton_available() else "torch"
+        if not weight.is_cuda or not triton_available() or weight.numel() > _TRITON_MAX_ELEMENTS:
+            return "torch"
+        if weight.dtype == torch.float64 or (weight.dtype == torch.float32 and residual is None):
+            return "torch"
+        return "triton"
     if path == "triton":
         if not triton_available():
             raise RuntimeError("apply_low_rank_(path='triton'): triton is not importable; "
@@ -116,7 +125,7 @@ def apply_low_rank_(
     alpha = float(alpha)
     if left.shape[1] == 0 or weight.numel() == 0:
         return weight
-    if resolve_path(weight, path) == "triton":
+    if resolve_path(weight, path, residual) == "triton":
         from .triton_path import apply_low_rank_triton_
         return apply_low_rank_triton_(weight, left, right, alpha, residual)
     return apply_low_rank_torch_(weight, left, right, alpha, residual)

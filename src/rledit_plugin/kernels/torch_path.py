@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 
 # Upper bound on the extra memory one chunk may use (3 fp32 chunk temporaries).
+# Larger on GPUs, where every chunk costs several kernel launches.
 DEFAULT_CHUNK_BYTES = 8 << 20
+DEFAULT_CHUNK_BYTES_CUDA = 64 << 20
 
 
 def compute_dtype_for(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.dtype:
@@ -61,7 +63,7 @@ def apply_low_rank_torch_(
     right: torch.Tensor,
     alpha: float = 1.0,
     residual: Optional[torch.Tensor] = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
 ) -> torch.Tensor:
     """``weight += alpha * left @ right`` in place (inputs already validated)."""
     out = weight
@@ -74,6 +76,8 @@ def apply_low_rank_torch_(
             # No rounding on store: BLAS accumulates straight into W.
             weight.addmm_(left_c, right_c, alpha=alpha)
             return out
+        if chunk_bytes is None:
+            chunk_bytes = DEFAULT_CHUNK_BYTES_CUDA if weight.is_cuda else DEFAULT_CHUNK_BYTES
         n_rows, n_cols = weight.shape
         step = chunk_rows(n_rows, n_cols, torch.finfo(cdt).bits // 8, chunk_bytes)
         for start in range(0, n_rows, step):

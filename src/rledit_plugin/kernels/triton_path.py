@@ -11,6 +11,7 @@ This module needs triton; ``kernels.__init__`` imports it only when
 function is decorated, so deciding late lets CPU tests switch the interpreter
 on. Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (needs numpy).
 """
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -132,31 +133,54 @@ class KernelConfig:
     early_w: bool = True  # load the W tile before the rank loop
 
 
-def default_config(n_rank: int, fp32_dot: bool, on_cpu: bool) -> KernelConfig:
-    """Tile shapes: big W tiles (memory-bound regime), rank step by operand size.
+# Dot modes: "native16" (16-bit factors straight to the tensor cores), or fp32
+# factors through tl.dot at input precision "ieee", "tf32x3" or "tf32", or
+# "bf16x3" (fp32 factors split on the host into bf16 hi + lo parts, run as a
+# native16 update of rank 3N: hi*hi + hi*lo + lo*hi, ~2^-16 relative error per
+# product, accumulated in fp32).
+FP32_PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16x3")
+DEFAULT_FP32_PRECISION = "tf32x3"
 
-    W is loaded before the rank loop for small ranks (latency hiding) and after
-    it for long loops (fewer live registers while the dots run).
-    """
-    early_w = n_rank <= 128
+# GPU tile shapes per dot mode: (rank, config) points; a call uses the point
+# whose rank is nearest in log scale (bench/bench_kernels.py --sweep measures them).
+GPU_CONFIGS = {
+    "native16": [(1, KernelConfig(block_n=16)), (64, KernelConfig(block_n=64)),
+                 (1024, KernelConfig(block_n=64, early_w=False))],
+    "tf32x3": [(1, KernelConfig(block_n=16)), (64, KernelConfig(block_n=32)),
+               (1024, KernelConfig(block_n=32, early_w=False))],
+    "ieee": [(1, KernelConfig(block_n=16)), (64, KernelConfig(block_n=32)),
+             (1024, KernelConfig(block_n=32, early_w=False))],
+}
+
+
+def nearest_config(points, n_rank: int) -> KernelConfig:
+    target = math.log2(max(1, n_rank))
+    return min(points, key=lambda p: abs(math.log2(p[0]) - target))[1]
+
+
+def default_config(n_rank: int, mode: str, on_cpu: bool) -> KernelConfig:
+    """Tile shapes for a dot mode and (effective) rank."""
     if on_cpu:  # interpreter: fewer, larger numpy programs are faster
-        return KernelConfig(block_m=32, block_k=64, block_n=16 if n_rank <= 16 else 32, early_w=early_w)
-    if n_rank <= 16:
-        block_n = 16
-    else:
-        block_n = 32 if fp32_dot else 64
-    return KernelConfig(block_n=block_n, early_w=early_w)
+        return KernelConfig(block_m=32, block_k=64, block_n=16 if n_rank <= 16 else 32,
+                            early_w=n_rank <= 128)
+    return nearest_config(GPU_CONFIGS.get(mode, GPU_CONFIGS["tf32x3"]), n_rank)
 
 
-def default_precision(left: torch.Tensor, right: torch.Tensor) -> str:
-    """Dot precision for fp32 factors.
+def split_bf16x3(left: torch.Tensor, right: torch.Tensor):
+    """fp32 factors -> bf16 factors of rank 3N with L3 @ R3 = Lh Rh + Lh Rl + Ll Rh."""
+    lf, rf = left.float(), right.float()
+    lh, rh = lf.to(torch.bfloat16), rf.to(torch.bfloat16)
+    ll, rl = (lf - lh.float()).to(torch.bfloat16), (rf - rh.float()).to(torch.bfloat16)
+    return torch.cat([lh, lh, ll], dim=1), torch.cat([rh, rl, rh], dim=0)
 
-    "tf32x3" (three tf32 tensor-core products, ~2^-21 relative error per
-    product) keeps the update far below one fp32 ulp of W, since the delta
-    itself is small against W; "ieee" is exact fp32 FMA but compute-bound at
-    ranks above a few tens on current GPUs.
-    """
-    return "tf32x3"
+
+def dot_mode(left: torch.Tensor, right: torch.Tensor, precision: Optional[str]) -> str:
+    if left.dtype == right.dtype and left.dtype in (torch.float16, torch.bfloat16):
+        return "native16"
+    prec = precision or DEFAULT_FP32_PRECISION
+    if prec not in FP32_PRECISIONS:
+        raise ValueError(f"apply_low_rank_triton_: precision must be one of {FP32_PRECISIONS}, got {prec!r}")
+    return prec
 
 
 def apply_low_rank_triton_(
@@ -169,7 +193,10 @@ def apply_low_rank_triton_(
     config: Optional[KernelConfig] = None,
     precision: Optional[str] = None,
 ) -> torch.Tensor:
-    """Launch the fused kernel (inputs already validated by ``kernels.__init__``)."""
+    """Launch the fused kernel (inputs already validated by ``kernels.__init__``).
+
+    ``precision`` applies to non-16-bit factors (see FP32_PRECISIONS).
+    """
     on_cpu = weight.device.type == "cpu"
     if on_cpu and not interpreting():
         raise RuntimeError(
@@ -179,16 +206,20 @@ def apply_low_rank_triton_(
     soft = interpreting()
     weight, left, right, residual = normalise_layout(weight, left, right, residual)
     n_rows, n_cols = weight.shape
-    n_rank = left.shape[1]
-    if n_rows == 0 or n_cols == 0 or n_rank == 0:
+    if n_rows == 0 or n_cols == 0 or left.shape[1] == 0:
         return out
-    # 16-bit factors of one dtype go to the tensor cores as they are; anything
-    # else is upcast to fp32 in registers. The interpreter's bf16 dot reads the
-    # raw bits as integers (triton 3.9), so there bf16 is upcast too.
-    native16 = (torch.float16,) if soft else (torch.float16, torch.bfloat16)
-    fp32_dot = not (left.dtype == right.dtype and left.dtype in native16)
-    cfg = config or default_config(n_rank, fp32_dot, on_cpu)
-    prec = precision or default_precision(left, right)
+    mode = dot_mode(left, right, precision)
+    if mode == "bf16x3":
+        left, right = split_bf16x3(left, right)
+        mode = "native16"
+    n_rank = left.shape[1]
+    cfg = config or default_config(n_rank, mode, on_cpu)
+    fp32_dot = mode != "native16"
+    prec = mode if fp32_dot else "ieee"
+    if soft and not fp32_dot and left.dtype == torch.bfloat16:
+        # The interpreter's bf16 dot reads the raw bits as integers (triton
+        # 3.9); upcasting bf16 to fp32 is exact, so the result is unchanged.
+        fp32_dot, prec = True, "ieee"
     res = residual if residual is not None else weight  # dummy pointer when unused
     grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_cols, cfg.block_k),)
     with torch.no_grad():
