@@ -118,6 +118,16 @@ def methods_for(device, dtype, rank, W, L, R, tuned=None):
             c = cfg(mode, n)
             return lambda: apply_low_rank_triton_(W, left, right, ALPHA, residual, config=c, precision=prec)
 
+        if tuned is None:  # the library's defaults, as the editor gets them
+            out["auto"] = (lambda: apply_low_rank_(W, L, R, ALPHA), 0)
+            out["triton bf16x3"] = (kernel(L, R, "bf16x3"), 0)
+            if dtype != torch.float32:
+                out["auto, 16-bit factors"] = (lambda: apply_low_rank_(W, Lw, Rw, ALPHA), 0)
+                r32, r16 = make_residual(W, "fp32"), make_residual(W, "kahan")
+                out["auto+res fp32"] = (lambda: apply_low_rank_(W, L, R, ALPHA, residual=r32), res_bytes)
+                out["auto+res kahan"] = (lambda: apply_low_rank_(W, L, R, ALPHA, residual=r16),
+                                         2 * W.numel() * W.element_size())
+            return out
         out["triton tf32x3"] = (kernel(L, R, "tf32x3"), 0)
         out["triton bf16x3"] = (kernel(L, R, "bf16x3"), 0)
         if rank <= 64:

@@ -294,6 +294,21 @@ def test_triton_interpreter_precisions(interpreter, precision):
         apply_low_rank_triton_(weight, left, right, 0.9, precision="fp8")
 
 
+def test_triton_default_modes_and_tile_lookup():
+    if not triton_available():
+        pytest.skip("triton is not importable")
+    from rledit_plugin.kernels.triton_path import GPU_CONFIGS, IEEE_MAX_RANK, dot_mode, nearest_config
+    f32, b16 = torch.zeros(4, 64), torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert dot_mode(f32[:, :IEEE_MAX_RANK], f32[:IEEE_MAX_RANK], None) == "ieee"
+    assert dot_mode(f32[:, :IEEE_MAX_RANK], f32[:IEEE_MAX_RANK], "bf16x3") == "bf16x3"
+    assert dot_mode(torch.zeros(4, IEEE_MAX_RANK + 1), torch.zeros(IEEE_MAX_RANK + 1, 4), None) == "tf32x3"
+    assert dot_mode(b16, b16.t(), "ieee") == "native16"  # 16-bit factors ignore precision
+    points = GPU_CONFIGS["tf32x3"]
+    assert nearest_config(points, 1) is points[0][1]
+    assert nearest_config(points, 5000) is points[-1][1]
+    assert nearest_config(points, 100) is dict(points)[64]  # log2: 100 is nearer 64 than 256
+
+
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     if not triton_available():
         pytest.skip("triton is not importable")
@@ -433,9 +448,8 @@ def test_cuda_triton_matches_fp64(monkeypatch, dtype, layout, rank):
     left, right = make_factors(m, k, rank, gen, device="cuda")
     ref = reference(weight.cpu(), left.cpu(), right.cpu(), 0.37)
     before = storage.clone()
-    # auto: cuBLAS addmm_ for fp32 weights without residual, the kernel otherwise
-    assert resolve_path(weight, "auto") == ("torch" if dtype == torch.float32 else "triton")
-    apply_low_rank_(weight, left, right, 0.37, path="triton")
+    assert resolve_path(weight, "auto") == "triton"
+    apply_low_rank_(weight, left, right, 0.37)
     torch.cuda.synchronize()
     assert_matches(weight.cpu(), ref, left.cpu(), right.cpu(), 0.37)
     if layout == "strided":
@@ -505,9 +519,9 @@ def many_small_updates_cuda(mode, n_updates=500, rel=3e-4):
 @needs_triton
 def test_cuda_auto_dispatch():
     fp32, bf16 = torch.zeros(8, 8, device="cuda"), torch.zeros(8, 8, device="cuda", dtype=torch.bfloat16)
-    assert resolve_path(fp32, "auto") == "torch"
-    assert resolve_path(fp32, "auto", torch.zeros_like(fp32)) == "triton"
-    assert resolve_path(bf16, "auto") == "triton"
+    assert resolve_path(fp32, "auto") == "triton"
+    assert resolve_path(bf16, "auto", torch.zeros_like(fp32)) == "triton"
+    assert resolve_path(fp32.double(), "auto") == "torch"
 
 
 @needs_cuda

@@ -10,8 +10,7 @@ Public API (the editor calls it for every weight update; every caller speaks
 
 ``path``: ``"torch"`` (exact chunked ``addmm_``, any device), ``"triton"`` (fused
 kernel; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton
-for CUDA tensors when Triton imports, except fp32 weights without a residual,
-which take one cuBLAS ``addmm_``; torch everywhere else).
+for CUDA tensors when Triton imports, else torch).
 """
 from __future__ import annotations
 
@@ -45,18 +44,15 @@ def triton_available() -> bool:
 def resolve_path(weight: torch.Tensor, path: str = "auto", residual: Optional[torch.Tensor] = None) -> str:
     """The concrete path ("torch" or "triton") a call with ``path`` takes for ``weight``.
 
-    "auto" takes Triton for CUDA tensors except for fp32/fp64 weights without a
-    residual: there no rounding happens on store and ``addmm_`` (cuBLAS) is one
-    fused, exact fp32 pass that measured faster than the kernel (docs/BENCHMARKS.md).
+    "auto": Triton for CUDA tensors when it imports (fp16/bf16/fp32 weights up
+    to 2^31 elements); torch everywhere else. ``residual`` is accepted so that
+    the rule may depend on it; today it does not.
     """
     if path not in PATHS:
         raise ValueError(f"apply_low_rank_: path must be one of {', '.join(PATHS)}, got {path!r}")
     if path == "auto":
-        if not weight.is_cuda or not triton_available() or weight.numel() > _TRITON_MAX_ELEMENTS:
-            return "torch"
-        if weight.dtype == torch.float64 or (weight.dtype == torch.float32 and residual is None):
-            return "torch"
-        return "triton"
+        fits = weight.numel() <= _TRITON_MAX_ELEMENTS and weight.dtype != torch.float64
+        return "triton" if weight.is_cuda and fits and triton_available() else "torch"
     if path == "triton":
         if not triton_available():
             raise RuntimeError("apply_low_rank_(path='triton'): triton is not importable; "

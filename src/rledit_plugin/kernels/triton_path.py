@@ -134,22 +134,35 @@ class KernelConfig:
 
 
 # Dot modes: "native16" (16-bit factors straight to the tensor cores), or fp32
-# factors through tl.dot at input precision "ieee", "tf32x3" or "tf32", or
+# factors through tl.dot at input precision "ieee" (exact fp32 FMA), "tf32x3"
+# (three tf32 products, ~fp32 accuracy) or "tf32" (~2^-11, opt-in only), or
 # "bf16x3" (fp32 factors split on the host into bf16 hi + lo parts, run as a
-# native16 update of rank 3N: hi*hi + hi*lo + lo*hi, ~2^-16 relative error per
-# product, accumulated in fp32).
-FP32_PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16x3")
-DEFAULT_FP32_PRECISION = "tf32x3"
+# native16 update of rank 3N: hi*hi + hi*lo + lo*hi, ~5e-6 relative error,
+# accumulated in fp32; opt-in). Default for fp32 factors: "ieee" up to rank
+# IEEE_MAX_RANK (exact and the fastest there), "tf32x3" above (ieee is
+# compute-bound there). See docs/BENCHMARKS.md.
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16x3")
+IEEE_MAX_RANK = 64
+
+
+def _cfg(bm, bk, bn, warps, stages, early):
+    return KernelConfig(block_m=bm, block_k=bk, block_n=bn, group_m=8, num_warps=warps,
+                        num_stages=stages, early_w=early)
+
 
 # GPU tile shapes per dot mode: (rank, config) points; a call uses the point
-# whose rank is nearest in log scale (bench/bench_kernels.py --sweep measures them).
+# whose rank is nearest in log scale. Each is the fastest of 12 shapes on a
+# bf16 4096x14336 weight (NVIDIA H200, triton 3.6; bench/bench_kernels.py --sweep).
 GPU_CONFIGS = {
-    "native16": [(1, KernelConfig(block_n=16)), (64, KernelConfig(block_n=64)),
-                 (1024, KernelConfig(block_n=64, early_w=False))],
-    "tf32x3": [(1, KernelConfig(block_n=16)), (64, KernelConfig(block_n=32)),
-               (1024, KernelConfig(block_n=32, early_w=False))],
-    "ieee": [(1, KernelConfig(block_n=16)), (64, KernelConfig(block_n=32)),
-             (1024, KernelConfig(block_n=32, early_w=False))],
+    "native16": [(1, _cfg(64, 128, 16, 4, 3, True)), (3, _cfg(64, 128, 16, 4, 3, False)),
+                 (16, _cfg(64, 64, 16, 4, 4, True)), (48, _cfg(64, 128, 64, 4, 3, True)),
+                 (64, _cfg(64, 128, 64, 4, 3, True)), (192, _cfg(64, 128, 64, 4, 3, True)),
+                 (256, _cfg(64, 128, 64, 4, 3, True)), (768, _cfg(128, 128, 64, 8, 3, False)),
+                 (1024, _cfg(128, 128, 64, 8, 3, False))],
+    "tf32x3": [(1, _cfg(128, 64, 16, 8, 3, False)), (16, _cfg(128, 64, 16, 4, 4, True)),
+               (64, _cfg(128, 64, 32, 4, 4, False)), (256, _cfg(256, 64, 32, 8, 4, False)),
+               (1024, _cfg(256, 64, 32, 8, 4, False))],
+    "ieee": [(1, _cfg(64, 64, 16, 4, 4, False)), (16, _cfg(64, 128, 16, 4, 3, False))],
 }
 
 
@@ -177,7 +190,7 @@ def split_bf16x3(left: torch.Tensor, right: torch.Tensor):
 def dot_mode(left: torch.Tensor, right: torch.Tensor, precision: Optional[str]) -> str:
     if left.dtype == right.dtype and left.dtype in (torch.float16, torch.bfloat16):
         return "native16"
-    prec = precision or DEFAULT_FP32_PRECISION
+    prec = precision or ("ieee" if left.shape[1] <= IEEE_MAX_RANK else "tf32x3")
     if prec not in FP32_PRECISIONS:
         raise ValueError(f"apply_low_rank_triton_: precision must be one of {FP32_PRECISIONS}, got {prec!r}")
     return prec
