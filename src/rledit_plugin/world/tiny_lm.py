@@ -1,0 +1,366 @@
+"""The tiny causal LM that knows the synthetic world: tokenizer, model, pre-training, cache.
+
+Nothing is downloaded.  The tokenizer is a byte-level BPE trained on the world's
+text (every world word becomes one token; any other text still round-trips
+through bytes), wrapped as a ``transformers.PreTrainedTokenizerFast``.  The model
+is GPT-2 (default) or Llama built from a config and pre-trained on every
+question template, the locality pools' "nq question:" forms and the training
+sentences until it answers its facts.  The result is saved with
+``save_pretrained`` under ``{cache_dir}/tiny-{arch}-{key}``, key = hash of the
+world fingerprint + model config + training config, so anything that takes a
+model path (EasyEdit included) can load it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..data.records import IGNORE_INDEX, EditRecord, tokenize_teacher_forced
+from .facts import SPLITS, World, build_world
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+ARCHS = ("gpt2", "llama")
+_CACHE_FORMAT = 1   # bump when the training code changes what a cache entry holds
+
+
+@dataclass(frozen=True)
+class TinyLMConfig:
+    """Model size and pre-training schedule (both are part of the cache key)."""
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_ff: int = 512
+    max_positions: int = 64
+    seed: int = 0
+    max_epochs: int = 40
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    answer_weight: float = 1.0     # loss weight of answer tokens relative to other tokens
+    embed_lr_mult: float = 1.0     # learning-rate multiplier of the token embeddings
+    # Stop early once a whole epoch answered this fraction of the answer tokens
+    # right (measured for free on the training batches, teacher-forced).
+    stop_accuracy: float = 0.995
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("RLEDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "rledit")
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer(world: World):
+    """Byte-level BPE trained on the world's text, as a ``PreTrainedTokenizerFast``.
+
+    A prefix space is added (so a subject or answer is the same token at the start
+    of a text and after a space) and stripped again on decode, so
+    ``decode(encode(text)) == text`` for any text not starting with a space.
+    The vocabulary is left unbounded: training stops when every word is one token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=1_000_000, show_progress=False,
+                                  special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_training_texts(world), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   pad_token=PAD_TOKEN,
+                                   clean_up_tokenization_spaces=False,
+                                   model_max_length=TinyLMConfig.max_positions)
+
+
+def _training_texts(world: World) -> List[str]:
+    return world.corpus + [f"{q} {f.object}" for f, q in world.fact_questions()]
+
+
+# ---------------------------------------------------------------------------- model
+
+def build_model(tok, arch: str = "gpt2", config: Optional[TinyLMConfig] = None, seed: int = 0):
+    """A randomly initialised tiny causal LM for ``tok``'s vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    cfg = config or TinyLMConfig()
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model_cfg = GPT2Config(n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                               n_inner=cfg.d_ff, n_positions=cfg.max_positions,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        return GPT2LMHeadModel(model_cfg)
+    if arch == "llama":
+        model_cfg = LlamaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                                intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_positions,
+                                tie_word_embeddings=True, **common)
+        return LlamaForCausalLM(model_cfg)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- accuracy
+
+def _prompt_answer_pairs(records: Sequence[EditRecord]) -> List[Tuple[str, str]]:
+    """Every true fact a record mentions: prompt and paraphrases -> target_true, locality."""
+    pairs = []
+    for r in records:
+        if r.target_true is not None:
+            pairs.extend((p, r.target_true) for p in [r.prompt] + list(r.paraphrases))
+        pairs.extend(zip(r.locality_prompts, r.locality_answers))
+    return pairs
+
+
+@torch.no_grad()
+def pairs_accuracy(model, tok, pairs: Sequence[Tuple[str, str]], batch_size: int = 256) -> float:
+    """Mean over prompts of the teacher-forced answer-token accuracy."""
+    if not pairs:
+        raise ValueError("no (prompt, answer) pairs to score")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        batch = tokenize_teacher_forced(tok, [p for p, _ in chunk], [a for _, a in chunk],
+                                        device=device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        correct = (logits[:, :-1].argmax(-1) == labels) & mask
+        scores.append(correct.sum(1).float() / mask.sum(1).float())
+    model.train(was_training)
+    return torch.cat(scores).mean().item()
+
+
+def fact_accuracy(model, tok, records: Sequence[EditRecord], batch_size: int = 256) -> float:
+    """Teacher-forced answer accuracy on the records' *true* facts: edit prompts and
+    paraphrases with ``target_true``, locality prompts with their answers."""
+    return pairs_accuracy(model, tok, _prompt_answer_pairs(records), batch_size)
+
+
+# ---------------------------------------------------------------------------- training
+
+def _encode_corpus(world: World, tok) -> List[Tuple[List[int], List[bool], List[bool]]]:
+    """Every training line as (token ids + eos, loss mask, answer mask).
+
+    Questions are tokenised exactly as :func:`tokenize_teacher_forced` does
+    (prompt, then " " + answer), so training and evaluation see the same ids.
+    The subject's tokens get no loss: which invented name comes next is pure
+    noise, and with tied embeddings that noise would keep shoving the very
+    embedding rows that have to store the subject's facts.
+    """
+    eos = tok.eos_token_id
+    subject_ids = {s: tok(" " + s, add_special_tokens=False)["input_ids"]
+                   for s in (f.subject for f in world.all_facts())}
+
+    def line(ids, answer_len, subject):
+        ids = ids + [eos]
+        learn = [True] * len(ids)
+        sub = subject_ids[subject]
+        for i in range(len(ids) - len(sub) + 1):
+            if ids[i:i + len(sub)] == sub:
+                learn[i:i + len(sub)] = [False] * len(sub)
+                break
+        answer = [False] * (len(ids) - 1 - answer_len) + [True] * answer_len + [False]
+        return ids, learn, answer
+
+    lines = []
+    for fact in world.all_facts():
+        lines.append(line(tok(fact.sentence(), add_special_tokens=False)["input_ids"], 0,
+                          fact.subject))
+    for fact, question in world.fact_questions():
+        p = tok(question, add_special_tokens=True)["input_ids"]
+        a = tok(" " + fact.object, add_special_tokens=False)["input_ids"]
+        lines.append(line(p + a, len(a), fact.subject))
+    return lines
+
+
+def _length_buckets(lines, batch_size: int, gen: torch.Generator) -> List[List[int]]:
+    """Batches of equal-length lines (no padding), in a seeded random order."""
+    by_len: Dict[int, List[int]] = {}
+    for i, (ids, _, _) in enumerate(lines):
+        by_len.setdefault(len(ids), []).append(i)
+    batches = []
+    for length in sorted(by_len):
+        idx = by_len[length]
+        perm = torch.randperm(len(idx), generator=gen).tolist()
+        idx = [idx[j] for j in perm]
+        batches.extend(idx[k:k + batch_size] for k in range(0, len(idx), batch_size))
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[j] for j in order]
+
+
+def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLMConfig] = None,
+                  progress: bool = True):
+    """Pre-train a fresh tiny LM on the world; returns ``(model, stats)``."""
+    from tqdm.auto import tqdm
+
+    cfg = config or TinyLMConfig()
+    model = build_model(tok, arch, cfg, seed=cfg.seed)
+    model.train()
+    lines = _encode_corpus(world, tok)
+    too_long = max(len(ids) for ids, _, _ in lines)
+    if too_long > cfg.max_positions:
+        raise ValueError(f"a training line has {too_long} tokens > max_positions={cfg.max_positions}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = len(_length_buckets(lines, cfg.batch_size, torch.Generator()))
+    total_steps = steps_per_epoch * cfg.max_epochs
+    embed = model.get_input_embeddings().weight
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p is not embed:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0},
+                               {"params": [embed], "weight_decay": 0.0,
+                                "lr": cfg.lr * cfg.embed_lr_mult}],
+                              lr=cfg.lr, betas=(0.9, 0.98))
+
+    def lr_at(step):   # linear warm-up, cosine decay over the longest schedule
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    body, head = model.base_model, model.get_output_embeddings()
+    start, step, history = time.time(), 0, []
+    bar = tqdm(total=total_steps, desc=f"pre-training tiny {arch}", disable=not progress,
+               unit="step", leave=False)
+    for epoch in range(cfg.max_epochs):
+        correct = answered = 0
+        loss_sum, n_tokens = 0.0, 0
+        for idx in _length_buckets(lines, cfg.batch_size, gen):
+            input_ids = torch.tensor([lines[j][0] for j in idx])
+            learn = torch.tensor([lines[j][1] for j in idx])[:, 1:]
+            is_answer = torch.tensor([lines[j][2] for j in idx])[:, 1:]
+            hidden = body(input_ids=input_ids)[0][:, :-1]
+            # The output layer only where a token is learned (cheaper than full logits).
+            logits = head(hidden[learn])
+            targets = input_ids[:, 1:][learn]
+            answer_rows = is_answer[learn]
+            weights = 1.0 + (cfg.answer_weight - 1.0) * answer_rows.float()
+            token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            loss = (token_loss * weights).sum() / weights.sum()
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            step += 1
+            with torch.no_grad():   # running answer accuracy, teacher-forced
+                hit = logits.argmax(-1) == targets
+                correct += (hit & answer_rows).sum().item()
+                answered += answer_rows.sum().item()
+            loss_sum += loss.item() * len(targets)
+            n_tokens += len(targets)
+            bar.update(1)
+        epoch_acc = correct / max(answered, 1)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / n_tokens,
+                        "answer_accuracy": epoch_acc, "seconds": time.time() - start})
+        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n_tokens:.3f}", acc=f"{epoch_acc:.3f}")
+        if epoch_acc >= cfg.stop_accuracy:
+            break
+    bar.close()
+    model.eval()
+    return model, {"seconds": time.time() - start, "epochs": len(history), "steps": step,
+                   "history": history}
+
+
+# ---------------------------------------------------------------------------- cache
+
+def cache_key(world: World, arch: str, config: TinyLMConfig) -> str:
+    payload = {"world": world.fingerprint(), "arch": arch, "config": asdict(config),
+               "format": _CACHE_FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load(path: str):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    model.config._name_or_path = path
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    with open(os.path.join(path, "rledit_info.json"), encoding="utf-8") as fh:
+        info = json.load(fh)
+    return model, tok, info
+
+
+def load_or_train_tiny_lm(world: Optional[World] = None, arch: str = "gpt2",
+                          cache_dir: Optional[str] = None, progress: bool = True,
+                          config: Optional[TinyLMConfig] = None):
+    """The pre-trained tiny LM of ``world`` (default world when None): ``(model, tok, info)``.
+
+    Loaded from ``{cache_dir}/tiny-{arch}-{key}`` when present; otherwise trained,
+    scored per split and written atomically (temporary directory + rename), so an
+    interrupted run never leaves a half-written entry.  ``info`` holds ``path``,
+    ``accuracy`` (per split), ``seconds`` (pre-training time), ``params``,
+    ``cached`` (True when loaded).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    world = world or build_world()
+    cfg = config or TinyLMConfig()
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    path = os.path.join(cache_dir, f"tiny-{arch}-{cache_key(world, arch, cfg)}")
+    if os.path.isfile(os.path.join(path, "rledit_info.json")):
+        model, tok, info = _load(path)
+        return model, tok, dict(info, path=path, cached=True)
+
+    tok = build_tokenizer(world)
+    model, stats = train_tiny_lm(world, tok, arch, cfg, progress)
+    accuracy = {s: fact_accuracy(model, tok, world.records(s)) for s in SPLITS}
+    info = {"accuracy": accuracy, "seconds": stats["seconds"], "epochs": stats["epochs"],
+            "steps": stats["steps"], "history": stats["history"],
+            "params": count_parameters(model), "arch": arch, "config": asdict(cfg),
+            "world_fingerprint": world.fingerprint(), "torch_threads": torch.get_num_threads()}
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "rledit_info.json"), "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=1)
+        try:
+            os.rename(tmp, path)
+        except OSError:   # a concurrent run finished first: keep its entry
+            if not os.path.isfile(os.path.join(path, "rledit_info.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    model.config._name_or_path = path
+    return model, tok, dict(info, path=path, cached=False)
+
+
+def random_tiny_lm(world: Optional[World] = None, arch: str = "gpt2", seed: int = 0,
+                   tok=None, **sizes):
+    """An untrained tiny LM and the world's tokenizer, for fast tests: ``(model, tok)``.
+
+    ``sizes`` override :class:`TinyLMConfig` fields (e.g. ``d_model=32, n_layer=2``).
+    """
+    tok = tok or build_tokenizer(world or build_world())
+    cfg = replace(TinyLMConfig(), **sizes)
+    model = build_model(tok, arch, cfg, seed=seed)
+    model.eval()
+    model.config._name_or_path = f"tiny-{arch}-random"
+    return model, tok
