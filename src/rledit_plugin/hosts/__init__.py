@@ -1,0 +1,1 @@
+"""Hosts: the toolkits RLEdit plugs into (EasyEdit: :mod:`.easyedit`)."""
