@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=20)
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=cmd_demo)
+
+    from .export import add_export_parser
+    add_export_parser(sub)
     return p
 
 
