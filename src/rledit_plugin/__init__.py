@@ -7,27 +7,37 @@ Public API::
     editor = RLEditor(model, tok, hp)       # loads hp.archive when set
     editor.edit(records)                    # lifelong: accumulates, never reverts
 
-Importing this package registers "RLEdit" with EasyEdit whenever ``easyeditor``
-is (or later gets) imported; without EasyEdit it registers nothing.
+Importing this package is light (nothing heavy is imported until a name is
+used) and registers "RLEdit" with EasyEdit whenever ``easyeditor`` is, or
+later gets, imported; without EasyEdit it registers nothing.
 """
+import importlib
+
+from .hosts.easyedit import install_import_hook as _install_import_hook
+
 __version__ = "0.1.0"
 
-from .core.archive import load_archive, save_archive
-from .core.editor import RLEditor
-from .core.trainer import train_hypernetwork
-from .data import EditRecord, load_records, records_from_requests
-from .evaluation import run_stream, write_report
-from .hparams import RLEditHyperParams, RLEditTrainingHyperParams
-from .hosts import easyedit as _easyedit_host  # noqa: F401  (post-import registration hook)
+_EXPORTS = {
+    "RLEditHyperParams": "hparams", "RLEditTrainingHyperParams": "hparams",
+    "RLEditor": "core.editor", "train_hypernetwork": "core.trainer",
+    "save_archive": "core.archive", "load_archive": "core.archive",
+    "EditRecord": "data", "load_records": "data", "records_from_requests": "data",
+    "run_stream": "evaluation", "write_report": "evaluation",
+    "export_lora": "export", "apply_rledit_to_model": "hosts.easyedit",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def apply_rledit_to_model(*args, **kwargs):
-    """EasyEdit's apply contract (see :mod:`rledit_plugin.hosts.easyedit`)."""
-    return _easyedit_host.apply_rledit_to_model(*args, **kwargs)
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "RLEditHyperParams", "RLEditTrainingHyperParams", "RLEditor", "train_hypernetwork",
-    "save_archive", "load_archive", "EditRecord", "load_records", "records_from_requests",
-    "run_stream", "write_report", "apply_rledit_to_model",
-]
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+_install_import_hook()
