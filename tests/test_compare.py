@@ -1,0 +1,229 @@
+"""Same-stream comparison: RLEdit and EasyEdit baselines through the one harness.
+
+A tiny random GPT-2 (4 layers: the tiny YAMLs name layers 1-3) on the world's
+tokenizer keeps this fast; MEND trains for a few iterations only.  What is
+checked is the plumbing (same stream, same start, accumulation, set-up timed
+apart, failures isolated, MEMIT statistics offline), not the methods' quality.
+"""
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from rledit_plugin import compare
+from rledit_plugin.evaluation import RESULT_KEYS
+from rledit_plugin.world.tiny_lm import random_tiny_lm
+
+pytestmark = [
+    pytest.mark.easyedit,
+    pytest.mark.skipif(importlib.util.find_spec("easyeditor") is None,
+                       reason="easyeditor is not installed (make setup-full installs it)"),
+]
+TURNS, BATCH = 3, 4
+ALGS = ["RLEdit", "MEMIT", "FT", "MEND", "ROME", "LoRA"]
+
+
+@pytest.fixture(scope="module")
+def pristine(_world_tokenizer):
+    return random_tiny_lm(arch="gpt2", tok=copy.deepcopy(_world_tokenizer),
+                          d_model=32, n_layer=4, n_head=2, d_ff=64)
+
+
+def fresh(pristine):
+    model, tok = pristine
+    return lambda: (copy.deepcopy(model), copy.deepcopy(tok))
+
+
+@pytest.fixture(scope="module")
+def run(pristine, world, tmp_path_factory):
+    """One comparison of every method; LoRA is broken on purpose (a module that does not exist)."""
+    tmp = tmp_path_factory.mktemp("compare")
+    rledit_yaml = tmp / "rledit.yaml"
+    rledit_yaml.write_text("alg_name: RLEdit\nrank: 8\nn_blocks: 1\ninit_lr: 1e-2\n"
+                           "batch_size: 4\nmax_length: 32\n")
+    lora_yaml = tmp / "lora.yaml"
+    lora_yaml.write_text(compare.default_hparams_path("LoRA").read_text()
+                         .replace('target_modules: ["c_attn"]', 'target_modules: ["no_such_module"]'))
+    comparison = compare.Comparison(
+        work_dir=str(tmp / "work"), hparams={"RLEdit": str(rledit_yaml), "LoRA": str(lora_yaml)},
+        corpus=world.corpus[:400], train_records=world.train_records,
+        val_records=world.val_records[:5], mend_overrides={"max_iters": 12, "val_interval": 6})
+    torch.set_num_threads(1)
+    results = compare.run_comparison(ALGS, fresh(pristine), world.eval_records, turns=TURNS,
+                                     batch_size=BATCH, comparison=comparison, progress=False,
+                                     generation=False, heldout_texts=world.heldout_corpus[:16])
+    paths = compare.write_comparison(results, str(tmp / "out"), meta={"argv": ["test"]})
+    return results, paths, comparison
+
+
+def test_one_harness_result_per_method(run):
+    results, _, _ = run
+    assert list(results) == ALGS
+    for alg in ALGS[:-1]:
+        r = results[alg]
+        assert r["status"] == "ok", r.get("traceback")
+        assert set(RESULT_KEYS) <= set(r)
+        assert r["protocol"] == "end_of_stream" and r["edits"] == TURNS * BATCH
+        assert r["config"]["method"] == alg
+        for key in ("efficacy", "generalization", "specificity", "specificity_vs_unedited",
+                    "perplexity", "weight_change_norm"):
+            assert key in r["post"]
+        timing = r["timing"]
+        assert timing["seconds_setup"] >= 0 and timing["seconds_per_edit"] > 0
+        assert timing["peak_rss_mb_method"] is None or timing["peak_rss_mb_method"] > 0
+        # edits landed in the parameters each method names
+        assert r["post"]["weight_change_norm"] > 0, alg
+
+
+def test_same_start_same_stream(run, pristine):
+    results, _, _ = run
+    ok = [r for r in results.values() if r["status"] == "ok"]
+    assert {r["config"]["start_weights"] for r in ok} == {compare.weights_fingerprint(pristine[0])}
+    # the unedited scores are computed on the same records from the same weights
+    assert all(r["pre"] == ok[0]["pre"] for r in ok)
+
+
+def test_failure_is_reported_and_others_complete(run):
+    results, paths, _ = run
+    lora = results["LoRA"]
+    assert compare.is_failure(lora) and lora["stage"] == "edit"
+    assert "no_such_module" in lora["error"]
+    table = paths["markdown"].read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| LoRA "))
+    assert "failed (edit)" in row and "no_such_module" in row
+    for alg in ALGS[:-1]:
+        assert any(line.startswith(f"| {alg} ") and "failed" not in line for line in table.splitlines())
+    saved = json.loads(paths["json"].read_text())["results"]
+    assert list(saved) == ALGS and saved["LoRA"]["status"] == "failed"
+    assert paths["plot"].stat().st_size > 0
+
+
+def test_setup_recorded_apart(run):
+    results, _, _ = run
+    memit = results["MEMIT"]["config"]["setup"]
+    assert memit["stats_files"] and memit["stats_seconds"] > 0
+    mend = results["MEND"]["config"]["setup"]
+    assert mend["training"]["max_iters"] == 12 and mend["training"]["seconds"] > 0
+    assert results["MEND"]["timing"]["seconds_setup"] >= mend["training"]["seconds"]
+
+
+def test_mend_archive_needs_the_allow_list(run, pristine):
+    """The archive pickles the model config: torch's default weights_only load refuses it,
+    the allow-list of exactly that class loads it."""
+    from rledit_plugin.hosts import easyedit_baselines as eb
+    results, _, _ = run
+    archive = results["MEND"]["config"]["setup"]["archive"]
+    with pytest.raises(Exception):
+        torch.load(archive, map_location="cpu", weights_only=True)
+    with eb.mend_archive_loading(pristine[0]):
+        state = torch.load(archive, map_location="cpu", weights_only=True)
+    assert any(k.startswith("mend.") for k in state["model"])
+
+
+def test_edits_accumulate(pristine, world, tmp_path):
+    """The second turn edits the model the first turn left (EasyEdit's restore is off)."""
+    from rledit_plugin.hosts import easyedit_baselines as eb
+    hp_path = str(compare.default_hparams_path("FT"))
+    first, second = world.eval_records[:4], world.eval_records[4:8]
+    name = "transformer.h.1.mlp.c_proj.weight"
+
+    def ft(model, tok):
+        return eb.EasyEditBaseline("FT", model, tok, eb.load_hparams("FT", hp_path),
+                                   log=str(tmp_path / "ft.log"))
+
+    m1, t1 = fresh(pristine)()
+    editor = ft(m1, t1)
+    editor.edit(first)
+    after_first = m1.get_parameter(name).detach().clone()
+    editor.edit(second)
+    both = m1.get_parameter(name).detach().clone()
+    m2, t2 = fresh(pristine)()
+    ft(m2, t2).edit(second)
+    only_second = m2.get_parameter(name).detach()
+    start = pristine[0].get_parameter(name).detach()
+    assert not torch.equal(after_first, start)
+    assert not torch.equal(both, after_first)
+    assert not torch.allclose(both, only_second)
+
+
+def test_memit_statistics_offline(pristine, world, tmp_path):
+    """The npz lands under stats_dir where EasyEdit looks; its layer_stats reads it back without
+    touching a dataset, and the second moment matches a float64 reference."""
+    import importlib
+
+    from rledit_plugin.hosts import easyedit_baselines as eb
+    model, tok = fresh(pristine)()
+    model.config._name_or_path = ""                 # an in-memory model: must not write at the root
+    hp = eb.load_hparams("MEMIT", str(compare.default_hparams_path("MEMIT")))
+    hp.stats_dir, hp.mom2_n_samples = str(tmp_path / "stats"), 50
+    texts = world.corpus[:80]
+    files = eb.write_stats(model, tok, hp, texts)
+    assert len(files) == len(hp.layers)
+    for f in files:
+        assert f.is_file() and str(f).startswith(hp.stats_dir)
+    assert model.config._name_or_path and "gpt2" in model.config._name_or_path
+
+    layer = hp.rewrite_module_tmp.format(hp.layers[0])
+    act = model.get_submodule(f"transformer.h.{hp.layers[0]}.mlp.act")
+    rows = []
+    handle = act.register_forward_hook(lambda m, i, o: rows.append(o[0].double()))
+    with torch.no_grad():
+        for text in texts[:50]:                      # one text at a time: no padding at all
+            model(input_ids=tok(text, return_tensors="pt")["input_ids"])
+    handle.remove()
+    feats = torch.cat(rows)
+    reference = feats.t() @ feats / feats.shape[0]
+
+    layer_stats = importlib.import_module("easyeditor.models.rome.layer_stats")
+    with eb.offline_stats():
+        stat = layer_stats.layer_stats(model, tok, layer, hp.stats_dir, hp.mom2_dataset,
+                                       to_collect=["mom2"], sample_size=50,
+                                       precision=hp.mom2_dtype, hparams=hp)
+    assert stat.mom2.count == feats.shape[0]
+    torch.testing.assert_close(stat.mom2.moment().double(), reference, rtol=1e-4, atol=1e-6)
+    # a missing file is an error, never a download
+    with eb.offline_stats(), pytest.raises(RuntimeError, match="never downloads"):
+        layer_stats.layer_stats(model, tok, layer, hp.stats_dir, "wikipedia", to_collect=["mom2"],
+                                sample_size=7, precision=hp.mom2_dtype, hparams=hp)
+
+
+def test_parse_algs_and_overrides():
+    assert compare.parse_algs("rledit, memit,MEND") == ["RLEdit", "MEMIT", "MEND"]
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        compare.parse_algs("RLEdit,SERAC")
+    with pytest.raises(ValueError, match="twice"):
+        compare.parse_algs("FT,ft")
+    assert compare._hparams_overrides(["memit=a.yaml", "training/mend=b.yaml"]) == \
+        {"MEMIT": "a.yaml", "TRAINING/MEND": "b.yaml"}
+    with pytest.raises(SystemExit):
+        compare._hparams_overrides(["MEMIT"])
+
+
+def test_cli_end_to_end(pristine, world, tmp_path, monkeypatch):
+    """`rledit compare` on a local model directory and a data file (RLEdit + FT, 2 x 2)."""
+    import argparse
+
+    from rledit_plugin.data.formats import write_zsre
+    model, tok = pristine
+    model_dir = tmp_path / "tiny-gpt2"
+    model.save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    data = write_zsre(world.eval_records[:8], tmp_path / "edits.json")
+    rledit_yaml = tmp_path / "rledit.yaml"
+    rledit_yaml.write_text("alg_name: RLEdit\nrank: 8\nn_blocks: 1\ninit_lr: 1e-2\n")
+    parser = argparse.ArgumentParser()
+    compare.add_compare_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["compare", "--algs", "RLEdit,FT", "--data", str(data),
+                              "--turns", "2", "--batch", "2", "--out", str(out),
+                              "--model", str(model_dir), "--hparams", f"RLEdit={rledit_yaml}",
+                              "--hparams", f"FT={compare.default_hparams_path('FT')}",
+                              "--no-generation", "--threads", "1"])
+    monkeypatch.setattr("sys.argv", ["rledit", "compare"])
+    assert args.func(args) == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert list(saved["results"]) == ["RLEdit", "FT"]
+    assert all(r["edits"] == 4 for r in saved["results"].values())
+    assert (out / "compare.png").is_file()
