@@ -177,7 +177,7 @@ def bench_grid(args, device, run, rows, deadline, tuned=None):
                                      tflops=2 * m * k * rank / t / 1e12))
                 print(f"{m}x{k} {dname} r={rank}: " + ", ".join(
                     f"{n} {t * 1e3:.2f}ms" for n, t in timings.items()), flush=True)
-            del W, dst
+            W = dst = None  # free before the next dtype
             if device == "cuda":
                 torch.cuda.empty_cache()
 
