@@ -108,7 +108,7 @@ class RLEditHyperParams(_YamlParams):
     lifelong_norm: bool = True
     # records per forward/backward when capturing keys and value-gradients
     edit_minibatch: int = 20
-    # weight update: kernel path and bf16/fp16 accumulation ("none" | "fp32")
+    # weight update: kernel path and bf16/fp16 compensation ("none" | "fp32" | "kahan")
     kernel_path: str = "auto"
     accumulate: str = "none"
     torch_dtype: str = "float32"
@@ -122,8 +122,8 @@ class RLEditHyperParams(_YamlParams):
         for key in ("rank", "n_blocks", "max_length", "batch_size", "edit_minibatch"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"{source}: key '{key}' must be >= 1")
-        if self.accumulate not in ("none", "fp32"):
-            raise HParamsError(f"{source}: key 'accumulate' must be 'none' or 'fp32'")
+        if self.accumulate not in ("none", "fp32", "kahan"):
+            raise HParamsError(f"{source}: key 'accumulate' must be none, fp32 or kahan")
         if self.kernel_path not in ("auto", "torch", "triton"):
             raise HParamsError(f"{source}: key 'kernel_path' must be auto, torch or triton")
         if self.torch_dtype not in ("float32", "bfloat16", "float16"):
