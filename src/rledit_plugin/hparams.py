@@ -156,10 +156,11 @@ class RLEditTrainingHyperParams(RLEditHyperParams):
         super().validate(source)
         if self.reg_mode not in ("paper", "reference"):
             raise HParamsError(f"{source}: key 'reg_mode' must be 'paper' or 'reference'")
-        for key in ("n_edits", "traj_len", "n_trajectories", "steps_per_trajectory",
-                    "back_depth", "loss_minibatch"):
+        for key in ("n_edits", "traj_len", "steps_per_trajectory", "back_depth", "loss_minibatch"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"{source}: key '{key}' must be >= 1")
+        if int(self.n_trajectories) < 0:   # 0 = keep the untrained hypernetwork
+            raise HParamsError(f"{source}: key 'n_trajectories' must be >= 0")
         if not 0.0 < self.time_decay <= 1.0:
             raise HParamsError(f"{source}: key 'time_decay' must be in (0, 1]")
 

@@ -1,0 +1,103 @@
+"""Choose RLEdit defaults by measurement on the embedded default.
+
+Each configuration (YAML overrides) trains a hypernetwork (unless n_trajectories=0:
+the untrained rule) on the world's train split, then runs a lifelong stream over held-out
+records and scores it end of stream.  Writes a JSON list and prints a markdown table.
+
+    python bench/sweep_rledit.py --turns 20 --batch 20 \
+        --config 'init_lr=1e-3,n_trajectories=0' --config 'init_lr=1e-3,n_trajectories=4'
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import time
+
+import torch
+
+from rledit_plugin.core.editor import RLEditor
+from rledit_plugin.core.trainer import train_hypernetwork
+from rledit_plugin.evaluation import run_stream
+from rledit_plugin.hparams import RLEditTrainingHyperParams
+from rledit_plugin.models import load_model_and_tokenizer
+from rledit_plugin.world import WorldConfig, build_world
+
+KEYS = ("efficacy", "generalization", "specificity_vs_unedited", "generation_em", "perplexity")
+
+
+def parse_overrides(text: str) -> dict:
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, value = part.split("=", 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+        if key == "inner_params" and isinstance(out[key], str):
+            out[key] = out[key].split("+")
+    return out
+
+
+def run_one(base: str, overrides: dict, world, turns: int, batch: int, split: str, model_name=None):
+    hp = RLEditTrainingHyperParams.from_hparams(base)
+    if model_name:
+        hp.model_name = model_name
+    for key, value in overrides.items():
+        setattr(hp, key, value)
+    hp.validate(base)
+    hp.results_dir = ""
+    model, tok = load_model_and_tokenizer(hp.model_name, hp.device, hp.torch_dtype)
+    start = time.perf_counter()
+    net, history = None, []
+    if hp.n_trajectories > 0:
+        net, history = train_hypernetwork(model, tok, hp, world.train_records, world.val_records,
+                                          progress=False, save=False)
+    train_s = time.perf_counter() - start
+    records = world.val_records if split == "val" else world.eval_records
+    editor = RLEditor(model, tok, hp.editing(), hypernet=copy.deepcopy(net) if net else None,
+                      keep_journal=False)
+    result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
+                        heldout_texts=world.heldout_corpus[:200], progress=False)
+    row = {"overrides": overrides, "train_seconds": round(train_s, 1),
+           "seconds_per_edit": result["timing"]["seconds_per_edit"],
+           **{k: result["post"].get(k) for k in KEYS},
+           "pre_perplexity": result["pre"].get("perplexity"),
+           "val_history": [h.get("val", {}).get("score") for h in history]}
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base", default="hparams/TRAINING/RLEdit/tiny.yaml")
+    ap.add_argument("--config", action="append", required=True)
+    ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--split", choices=("val", "eval"), default="eval")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--model", help="model name/path overriding the YAML's model_name")
+    ap.add_argument("--world", default="", help="WorldConfig overrides, e.g. n_eval_subjects=40")
+    ap.add_argument("--out", default="bench/results/sweep_rledit.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = build_world(WorldConfig(**parse_overrides(args.world)))
+    rows = []
+    for text in args.config:
+        row = run_one(args.base, parse_overrides(text), world, args.turns, args.batch, args.split,
+                      args.model)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"turns": args.turns, "batch": args.batch, "rows": rows}, f, indent=2)
+    print("| config | train s | eff | gen | spec_vs_unedited | gen_em | ppl |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    for r in rows:
+        print(f"| `{r['overrides']}` | {r['train_seconds']} | {fmt(r['efficacy'])} | {fmt(r['generalization'])} | "
+              f"{fmt(r['specificity_vs_unedited'])} | {fmt(r['generation_em'])} | {fmt(r['perplexity'])} |")
+
+
+if __name__ == "__main__":
+    main()
