@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from typing import Optional
 
 from .easyedit import ALG_NAME, _as_hparams, cpu_shim_active, host_flavour, import_easyeditor
@@ -31,6 +32,17 @@ _PROBES = ("The capital of France is Paris.", "nq question: who wrote it? Someon
 def family_name(model) -> str:
     """A string naming ``model``'s family, for ``BaseEditor.model_name`` (e.g. ``in-memory-gpt2``)."""
     return f"in-memory-{getattr(getattr(model, 'config', None), 'model_type', 'model')}"
+
+
+def _drop_token_type_ids(model, tok) -> None:
+    """EasyEdit calls ``model(**tok(...))``: token_type_ids from a generic fast tokenizer
+    would be added as embeddings by GPT-2 (and rejected by Llama).  Causal LMs without a
+    token-type vocabulary never want them."""
+    if "token_type_ids" in getattr(tok, "model_input_names", ()) and \
+            not getattr(getattr(model, "config", None), "type_vocab_size", None):
+        warnings.warn("the tokenizer returns token_type_ids, which EasyEdit would pass to the "
+                      "model; dropping them from tok.model_input_names")
+        tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
 
 
 def _require_device_support(hparams) -> None:
@@ -50,6 +62,7 @@ def make_editor(hparams, model=None, tok=None, *, model_dir: Optional[str] = Non
     ``.lower()`` on them), or a local model directory (``model_dir``, else
     ``hparams.model_name``) checked and completed by :func:`prepare_model_dir`;
     ``embedded-tiny-gpt2`` / ``embedded-tiny-llama`` load the offline tiny LM.
+    A tokenizer that returns ``token_type_ids`` to a causal LM loses them (warning).
     On the PyPI release without CUDA the CPU shim must be on.
     """
     from ..models import EMBEDDED_PREFIX, load_model_and_tokenizer
@@ -62,6 +75,7 @@ def make_editor(hparams, model=None, tok=None, *, model_dir: Optional[str] = Non
     if model is not None:
         if tok is None:
             raise ValueError("make_editor: pass the tokenizer together with the model")
+        _drop_token_type_ids(model, tok)
         hparams.model_name = (model, tok)
         editor = easyeditor.BaseEditor.from_hparams(hparams)
         editor.model_name = hparams.model_name = family_name(model)
@@ -73,7 +87,9 @@ def make_editor(hparams, model=None, tok=None, *, model_dir: Optional[str] = Non
         model, tok = load_model_and_tokenizer(path, hparams.device, hparams.torch_dtype)
         return make_editor(hparams, model, tok)
     hparams.model_name = prepare_model_dir(path)
-    return easyeditor.BaseEditor.from_hparams(hparams)
+    editor = easyeditor.BaseEditor.from_hparams(hparams)
+    _drop_token_type_ids(editor.model, editor.tok)
+    return editor
 
 
 def _path_word(path: str) -> Optional[str]:
