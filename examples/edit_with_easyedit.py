@@ -3,8 +3,8 @@
     python examples/edit_with_easyedit.py [--archive DIR] [--n 20]
 
 Offline on the embedded default (the synthetic world and its cached tiny LM).
-Without ``--archive`` it uses runs/easyedit/archive, training it first when
-missing (examples/train_easyedit.py).  Works with the PyPI easyeditor release
+Without ``--archive`` it uses the YAML's ``archive`` (runs/archive/tiny-gpt2),
+training it first when missing (examples/train_easyedit.py).  Works with the PyPI easyeditor release
 (the CPU shim is switched on when there is no CUDA) and with a GitHub checkout on
 ``sys.path``.  The last line printed is one JSON object: the single-edit means
 over the requests (``pre_rewrite_acc``, ``post_rewrite_acc``, ``post_rephrase_acc``,
@@ -30,7 +30,7 @@ def mean(values):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hparams", default=os.path.join(REPO, "hparams", "RLEdit", "tiny.yaml"))
-    parser.add_argument("--archive", help="trained hypernetwork (default: runs/easyedit/archive)")
+    parser.add_argument("--archive", help="trained hypernetwork (default: the YAML's archive)")
     parser.add_argument("--n", type=int, default=20, help="requests (held-out world records)")
     args = parser.parse_args()
     logging.disable(logging.INFO)                 # EasyEdit logs every request at INFO
@@ -44,13 +44,13 @@ def main() -> None:
     from rledit_plugin.world import build_world
     from train_easyedit import ensure_archive
 
-    archive = args.archive or ensure_archive()
+    hparams = RLEditHyperParams.from_hparams(args.hparams)
+    archive = ensure_archive(args.archive or hparams.archive)
     host.import_easyeditor()
     flavour = host.host_flavour()
     if flavour == "release" and not torch.cuda.is_available():
         host.enable_cpu_shim()                    # the release hard-codes cuda:{device}
 
-    hparams = RLEditHyperParams.from_hparams(args.hparams)
     hparams.archive = archive
     model, tok = load_model_and_tokenizer(hparams.model_name, hparams.device, hparams.torch_dtype)
     editor = host.make_editor(hparams, model, tok)

@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hparams", default=os.path.join(REPO, "hparams", "RLEdit", "tiny.yaml"))
-    parser.add_argument("--archive", help="trained hypernetwork (default: runs/easyedit/archive)")
+    parser.add_argument("--archive", help="trained hypernetwork (default: the YAML's archive)")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--batch", type=int, default=10)
     args = parser.parse_args()
@@ -43,14 +43,14 @@ def main() -> None:
     from rledit_plugin.world import build_world
     from train_easyedit import ensure_archive
 
-    archive = args.archive or ensure_archive()
+    hparams = RLEditHyperParams.from_hparams(args.hparams)
+    archive = ensure_archive(args.archive or hparams.archive)
     easyeditor = host.import_easyeditor()
     flavour = host.host_flavour()
     if flavour == "release" and not torch.cuda.is_available():
         host.enable_cpu_shim()
     keep_edits = {"sequential_edit": True} if flavour == "head" else {"keep_original_weight": False}
 
-    hparams = RLEditHyperParams.from_hparams(args.hparams)
     hparams.archive, hparams.batch_size = archive, args.batch
     model, tok = load_model_and_tokenizer(hparams.model_name, hparams.device, hparams.torch_dtype)
     editor = host.make_editor(hparams, model, tok)
