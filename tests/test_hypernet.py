@@ -52,7 +52,9 @@ def test_running_norm_is_safe_with_zero_or_one_row():
     assert norm.count.item() == 1
     out = norm(torch.tensor([[2.0, -2.0, 0.0]]))
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, -3.0]]) / (1 + 1e-5))  # count 1: std 1
+    # count 1: neither centred nor scaled, so a lone first row is not mapped to zero
+    torch.testing.assert_close(out, torch.tensor([[2.0, -2.0, 0.0]]) / (1 + 1e-5))
+    assert norm(x).abs().sum() > 0
     norm.update(torch.tensor([[3.0, -2.0, 5.0]]))  # one-row batch again: count 2, real variance
     torch.testing.assert_close(norm.var.float(), torch.tensor([2.0, 0.0, 2.0]))
     assert torch.isfinite(norm(x)).all()  # zero-variance feature guarded by eps

@@ -117,6 +117,7 @@ class RLEditHyperParams(_YamlParams):
     def validate(self, source: str = "<hparams>") -> None:
         if self.alg_name.lower() != "rledit":
             raise HParamsError(f"{source}: alg_name must be 'RLEdit', got '{self.alg_name}'")
+        self.alg_name = "RLEdit"   # EasyEdit's ALG_DICT is keyed by this exact spelling
         self.inner_params = [p[:-len(".weight")] if p.endswith(".weight") else p
                              for p in (self.inner_params or [])]
         for key in ("rank", "n_blocks", "max_length", "batch_size", "edit_minibatch"):

@@ -67,7 +67,9 @@ class RunningNorm(nn.Module):
         return self.var.sqrt()
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = self.mean.to(x.dtype)
+        # Centre only once two rows were seen: a lone row minus its own mean is zero,
+        # which would make the very first one-token edit a silent no-op.
+        mean = torch.where(self.count >= 2, self.mean, torch.zeros_like(self.mean)).to(x.dtype)
         std = self.std.to(x.dtype)
         return (x - mean) / (std + self.eps)
 
