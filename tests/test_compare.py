@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from rledit_plugin import compare
 from rledit_plugin.evaluation import RESULT_KEYS
@@ -44,8 +45,9 @@ def run(pristine, world, tmp_path_factory):
     rledit_yaml.write_text("alg_name: RLEdit\nrank: 8\nn_blocks: 1\ninit_lr: 1e-2\n"
                            "batch_size: 4\nmax_length: 32\n")
     lora_yaml = tmp / "lora.yaml"
-    lora_yaml.write_text(compare.default_hparams_path("LoRA").read_text()
-                         .replace('target_modules: ["c_attn"]', 'target_modules: ["no_such_module"]'))
+    lora = yaml.safe_load(compare.default_hparams_path("LoRA").read_text())
+    lora["target_modules"] = ["no_such_module"]
+    lora_yaml.write_text(yaml.safe_dump(lora))
     comparison = compare.Comparison(
         work_dir=str(tmp / "work"), hparams={"RLEdit": str(rledit_yaml), "LoRA": str(lora_yaml)},
         corpus=world.corpus[:400], train_records=world.train_records,
@@ -127,7 +129,8 @@ def test_edits_accumulate(pristine, world, tmp_path):
     from rledit_plugin.hosts import easyedit_baselines as eb
     hp_path = str(compare.default_hparams_path("FT"))
     first, second = world.eval_records[:4], world.eval_records[4:8]
-    name = "transformer.h.1.mlp.c_proj.weight"
+    hp = eb.load_hparams("FT", hp_path)
+    name = hp.rewrite_module_tmp.format(hp.layers[0]) + ".weight"
 
     def ft(model, tok):
         return eb.EasyEditBaseline("FT", model, tok, eb.load_hparams("FT", hp_path),

@@ -155,6 +155,10 @@ class Comparison:
         info = {"hparams_file": path, "archive": hp.archive, "hparams": hp.to_dict()}
         if not hp.archive:
             info["warning"] = "no archive: RLEdit edits with an UNTRAINED hypernetwork"
+        else:     # its training ran before (rledit train / demo): show its record, not timed here
+            from .core.archive import read_meta
+            history = read_meta(hp.archive).get("history") or []
+            info["archive_training_last"] = history[-1] if history else None
         return RLEditor(model, tok, hp, keep_journal=False), info
 
     def _setup_mend(self, hp, model, tok) -> Dict[str, Any]:
@@ -177,12 +181,11 @@ class Comparison:
         return info
 
     def _save_model(self, model, tok) -> str:
-        """The pristine model as a directory (EasyEdit's trainer loads from a path)."""
-        family = getattr(model.config, "model_type", "model")
-        path = self.work_dir / f"model-{family}"
-        if not (path / "config.json").is_file():
-            model.save_pretrained(str(path))
-            tok.save_pretrained(str(path))
+        """The pristine model as a directory (EasyEdit's trainer loads from a path); called
+        before any edit, so the copy still holds the starting weights."""
+        path = self.work_dir / f"model-{getattr(model.config, 'model_type', 'model')}"
+        model.save_pretrained(str(path))
+        tok.save_pretrained(str(path))
         return str(path)
 
 
@@ -445,3 +448,17 @@ def add_compare_parser(subparsers) -> None:
     c.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_compare)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m rledit_plugin.compare ...`` = ``rledit compare ...``."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="rledit")
+    add_compare_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compare"] + list(sys.argv[1:] if argv is None else argv))
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -217,19 +217,21 @@ def quiet(log: Optional[str] = None) -> Iterator[None]:
 
 
 def _clear_stat_caches() -> None:
-    """EasyEdit caches covariances per (model name, layer) and MEMIT's context templates per
+    """EasyEdit caches covariances per (model name, layer) and the context templates per
     process; a new model under the same name must not reuse them."""
-    for module, attrs in (("easyeditor.models.memit.memit_main", ("COV_CACHE",)),
-                          ("easyeditor.models.rome.compute_u", ("inv_mom2_cache",)),
-                          ("easyeditor.models.rome.rome_main", ("CONTEXT_TEMPLATES_CACHE",)),
-                          ("easyeditor.models.memit.memit_main", ("CONTEXT_TEMPLATES_CACHE",))):
-        mod = importlib.import_module(module)
-        for attr in attrs:
-            value = getattr(mod, attr, None)
-            if isinstance(value, dict):
-                value.clear()
-            elif value is not None:
-                setattr(mod, attr, None)
+    for module, attr in (("easyeditor.models.memit.memit_main", "COV_CACHE"),
+                         ("easyeditor.models.memit.memit_main", "CONTEXT_TEMPLATES_CACHE"),
+                         ("easyeditor.models.rome.compute_u", "inv_mom2_cache"),
+                         ("easyeditor.models.rome.rome_main", "CONTEXT_TEMPLATES_CACHE")):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:                 # another EasyEdit layout: nothing cached there
+            continue
+        value = getattr(mod, attr, None)
+        if isinstance(value, dict):
+            value.clear()
+        elif value is not None:
+            setattr(mod, attr, None)
 
 
 def _refuse_download(*args, **kwargs):
