@@ -1,0 +1,253 @@
+"""The synthetic world, its dataset files, the tokenizer and the pre-trained tiny LM."""
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from rledit_plugin.data.records import tokenize_teacher_forced
+from rledit_plugin.world import tiny_lm
+from rledit_plugin.world.facts import (NQ_PREFIX, RELATION_BY_NAME, SPLITS, WorldConfig,
+                                       build_world, write_world_files)
+from rledit_plugin.world.tiny_lm import (TinyLMConfig, build_tokenizer, fact_accuracy,
+                                         load_or_train_tiny_lm)
+
+from conftest import test_cache_dir
+
+SMALL = WorldConfig(seed=3, n_train_subjects=3, n_val_subjects=2, n_eval_subjects=3,
+                    n_locality_subjects=24)
+
+
+def _true_answers(world):
+    """(subject, relation) -> true object, over every fact of the world."""
+    return {(f.subject, f.relation): f.object for f in world.all_facts()}
+
+
+def _question_index(world):
+    """question text -> true answer, for every template of every fact."""
+    out = {}
+    for f in world.all_facts():
+        for t in range(len(RELATION_BY_NAME[f.relation].templates)):
+            out[f.question(t)] = f.object
+        out[f.nq_question()] = f.object
+    return out
+
+
+# ---------------------------------------------------------------------------- world
+
+def test_same_seed_same_world_and_different_seed_different_world(world):
+    again = build_world()
+    assert again.fingerprint() == world.fingerprint()
+    assert [r.to_dict() for r in again.eval_records] == [r.to_dict() for r in world.eval_records]
+    assert again.corpus == world.corpus
+    other = build_world(WorldConfig(seed=1))
+    assert other.fingerprint() != world.fingerprint()
+    assert set(other.subjects["eval"]) != set(world.subjects["eval"])
+
+
+def test_split_sizes_and_distinct_subject_relation_pairs(world):
+    sizes = {"train": 2000, "val": 200, "eval": 2000}
+    for split, minimum in sizes.items():
+        records = world.records(split)
+        assert len(records) >= minimum
+        assert len({r.prompt for r in records}) == len({r.uid for r in records}) == len(records)
+    # (subject, relation) pairs are distinct: one record per fact.
+    facts = world.facts["eval"]
+    assert len({(f.subject, f.relation) for f in facts}) == len(facts) == len(world.eval_records)
+
+
+def test_subject_groups_are_disjoint_including_locality_pools(world):
+    groups = list(world.subjects.values())
+    everyone = [s for g in groups for s in g]
+    assert len(everyone) == len(set(everyone))
+    record_subjects = {s: {r.subject for r in world.records(s)} for s in SPLITS}
+    assert not record_subjects["train"] & record_subjects["eval"]
+    assert not record_subjects["train"] & record_subjects["val"]
+    assert not record_subjects["val"] & record_subjects["eval"]
+
+
+def test_records_are_valid_and_consistent_with_the_world(world):
+    truth = _true_answers(world)
+    questions = _question_index(world)
+    for split in SPLITS:
+        edited = {r.subject for r in world.records(split)}
+        for i, r in enumerate(world.records(split)):
+            r.validate(file=f"<world:{split}>", index=i)
+            assert r.target_new != r.target_true
+            assert len(r.paraphrases) >= 2 and r.prompt not in r.paraphrases
+            assert len(set(r.paraphrases)) == len(r.paraphrases)
+            assert r.subject in r.prompt and all(r.subject in p for p in r.paraphrases)
+            assert questions[r.prompt] == r.target_true
+            assert all(questions[p] == r.target_true for p in r.paraphrases)
+            # target_new is another object of the same relation
+            relation = next(rel for rel in RELATION_BY_NAME.values() if r.prompt in
+                            [t.format(s=r.subject) for t in rel.templates])
+            assert r.target_new in relation.objects
+            assert truth[(r.subject, relation.name)] == r.target_true
+            # locality: a true fact of a never-edited subject
+            (loc,), (loc_ans,) = r.locality_prompts, r.locality_answers
+            assert loc.startswith(NQ_PREFIX) and questions[loc] == loc_ans
+            loc_words = set(loc.rstrip("?").split())
+            assert r.subject not in loc_words and not loc_words & edited
+
+
+def test_corpus_states_every_true_fact_and_heldout_wording_differs(world):
+    assert len(world.corpus) == len(world.all_facts())
+    assert set(world.corpus).isdisjoint(world.heldout_corpus)
+    for f, sentence in zip(world.all_facts(), world.corpus):
+        assert f.subject in sentence and f.object in sentence
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="n_locality_subjects"):
+        build_world(WorldConfig(n_locality_subjects=5))
+
+
+# ---------------------------------------------------------------------------- files
+
+def test_world_files_have_every_required_key(world, tmp_path):
+    paths = write_world_files(world, str(tmp_path))
+    assert set(paths) == {"zsre_train.json", "zsre_val.json", "zsre_eval.json",
+                          "counterfact_eval.json", "fever_eval.json", "corpus.txt"}
+    questions = _question_index(world)
+    zsre_keys = {"src", "rephrase", "ans", "alt", "answers", "loc", "loc_ans", "subject"}
+    for split in SPLITS:
+        rows = json.load(open(paths[f"zsre_{split}.json"]))
+        assert len(rows) == len(world.records(split))
+        for row, rec in zip(rows, world.records(split)):
+            assert zsre_keys <= set(row)
+            assert row["src"] == rec.prompt and row["ans"] == row["alt"] == rec.target_new
+            assert row["answers"] == [rec.target_true] and row["rephrase"] in rec.paraphrases
+            assert row["loc"].startswith("nq question: ") and questions[row["loc"]] == row["loc_ans"]
+
+    cf = json.load(open(paths["counterfact_eval.json"]))
+    assert len(cf) == len(world.eval_records)
+    for row, rec in zip(cf, world.eval_records):
+        rw = row["requested_rewrite"]
+        assert rw["prompt"].count("{}") == 1
+        assert rw["prompt"].format(rw["subject"]) == rec.prompt
+        assert rw["target_new"]["str"] == rec.target_new
+        assert rw["target_true"]["str"] == rec.target_true
+        assert row["paraphrase_prompts"] == rec.paraphrases
+        assert row["neighborhood_prompts"]
+        for prompt in row["neighborhood_prompts"]:   # other subjects, same true answer
+            assert rec.subject not in prompt and questions[prompt] == rec.target_true
+
+    fever = json.load(open(paths["fever_eval.json"]))
+    for row, rec in zip(fever, world.eval_records):
+        assert {"prompt", "equiv_prompt", "alt", "unrel_prompt", "unrel_ans"} <= set(row)
+        assert isinstance(row["equiv_prompt"], list) and row["alt"] == rec.target_new
+        assert questions[row["unrel_prompt"]] == row["unrel_ans"]
+
+    lines = open(paths["corpus.txt"], encoding="utf-8").read().splitlines()
+    assert lines == world.corpus
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_round_trips_and_answers_are_single_tokens(world_tokenizer, world):
+    tok = world_tokenizer
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+    assert tok.eos_token_id != tok.pad_token_id
+    for text in (world.eval_records[0].prompt, world.corpus[0], "Naïve café, 42 ü ✓!",
+                 world.eval_records[0].locality_prompts[0]):
+        assert tok.decode(tok(text)["input_ids"]) == text
+    for rel in RELATION_BY_NAME.values():
+        for obj in rel.objects:
+            ids = tok(" " + obj, add_special_tokens=False)["input_ids"]
+            assert len(ids) == 1 and tok.decode(ids) == obj
+    # the subject is one token wherever it stands
+    r = world.eval_records[0]
+    subject_ids = tok(" " + r.subject, add_special_tokens=False)["input_ids"]
+    assert len(subject_ids) == 1
+    for p in [r.prompt] + r.paraphrases:
+        assert subject_ids[0] in tok(p)["input_ids"]
+    batch = tokenize_teacher_forced(tok, [r.prompt], [r.target_true])
+    assert tok.decode(batch["input_ids"][0][batch["labels"][0] != -100]) == r.target_true
+
+
+def test_tokenizer_is_deterministic(world, _world_tokenizer):
+    assert build_tokenizer(world).get_vocab() == _world_tokenizer.get_vocab()
+
+
+def test_random_fixtures_share_the_world_tokenizer(random_gpt2, random_llama, world):
+    batch = None
+    for model, tok in (random_gpt2, random_llama):
+        assert model.config.vocab_size == len(tok)
+        batch = tokenize_teacher_forced(tok, [world.eval_records[0].prompt], ["Paris"])
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        assert torch.isfinite(out.loss)
+    assert random_gpt2[1].get_vocab() == random_llama[1].get_vocab()
+
+
+# ---------------------------------------------------------------------------- tiny LM
+
+@pytest.mark.slow
+def test_pretrained_tiny_lm_knows_its_facts(tiny_lm_pretrained, world):
+    model, tok, info = tiny_lm_pretrained
+    for split in SPLITS:
+        acc = fact_accuracy(model, tok, world.records(split))
+        assert acc >= 0.95, (split, acc)
+        assert abs(acc - info["accuracy"][split]) < 1e-6   # what the cache entry claims
+    assert model.config._name_or_path == info["path"]
+    assert os.path.basename(info["path"]).startswith("tiny-gpt2-")
+
+
+@pytest.mark.slow
+def test_second_load_hits_the_cache_without_training(tiny_lm_pretrained, world, monkeypatch):
+    model, tok, info = tiny_lm_pretrained
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached tiny LM was retrained")
+
+    monkeypatch.setattr(tiny_lm, "train_tiny_lm", no_training)
+    again, tok2, info2 = load_or_train_tiny_lm(world, cache_dir=test_cache_dir(), progress=False)
+    assert info2["cached"] and info2["path"] == info["path"]
+    assert tok2.get_vocab() == tok.get_vocab()
+    for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_cache_is_written_atomically_and_keyed(tmp_path, monkeypatch):
+    world = build_world(SMALL)
+    cfg = TinyLMConfig(d_model=16, n_layer=1, n_head=2, d_ff=32, epochs=1)
+
+    def broken_save(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    # An interrupted save leaves no entry behind (nor a temporary directory).
+    from transformers import PreTrainedModel
+    with monkeypatch.context() as m:
+        m.setattr(PreTrainedModel, "save_pretrained", broken_save)
+        with pytest.raises(RuntimeError, match="disk full"):
+            load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False, config=cfg)
+    assert os.listdir(tmp_path) == []
+
+    model, tok, info = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
+                                             config=cfg)
+    assert not info["cached"] and os.listdir(tmp_path) == [os.path.basename(info["path"])]
+    assert set(info["accuracy"]) == set(SPLITS) and info["params"] > 0
+    again, _, info2 = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
+                                            config=cfg)
+    assert info2["cached"] and info2["accuracy"] == info["accuracy"]
+    # a different model config or world is a different entry
+    _, _, info3 = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
+                                        config=TinyLMConfig(d_model=16, n_layer=1, n_head=2,
+                                                            d_ff=32, epochs=1, seed=1))
+    assert info3["path"] != info["path"]
+
+
+def test_llama_option_trains_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+    world = build_world(SMALL)
+    cfg = TinyLMConfig(d_model=16, n_layer=1, n_head=2, d_ff=32, epochs=1)
+    model, tok, info = load_or_train_tiny_lm(world, arch="llama", cache_dir=str(tmp_path),
+                                             progress=False, config=cfg)
+    assert model.config.model_type == "llama" and "llama" in os.path.basename(info["path"])
+    loaded = AutoModelForCausalLM.from_pretrained(info["path"])
+    batch = tokenize_teacher_forced(tok, [world.eval_records[0].prompt], ["Paris"])
+    with torch.no_grad():
+        assert torch.allclose(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+                              loaded(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits)
