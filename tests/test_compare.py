@@ -8,6 +8,7 @@ apart, failures isolated, MEMIT statistics offline), not the methods' quality.
 import copy
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -48,14 +49,19 @@ def run(pristine, world, tmp_path_factory):
     lora = yaml.safe_load(compare.default_hparams_path("LoRA").read_text())
     lora["target_modules"] = ["no_such_module"]
     lora_yaml.write_text(yaml.safe_dump(lora))
-    comparison = compare.Comparison(
-        work_dir=str(tmp / "work"), hparams={"RLEdit": str(rledit_yaml), "LoRA": str(lora_yaml)},
-        corpus=world.corpus[:400], train_records=world.train_records,
-        val_records=world.val_records[:5], mend_overrides={"max_iters": 12, "val_interval": 6})
-    torch.set_num_threads(1)
-    results = compare.run_comparison(ALGS, fresh(pristine), world.eval_records, turns=TURNS,
-                                     batch_size=BATCH, comparison=comparison, progress=False,
-                                     generation=False, heldout_texts=world.heldout_corpus[:16])
+    cwd = os.getcwd()
+    os.chdir(tmp)          # a relative work directory (EasyEdit's trainer changes directory)
+    try:
+        comparison = compare.Comparison(
+            work_dir="work", hparams={"RLEdit": str(rledit_yaml), "LoRA": str(lora_yaml)},
+            corpus=world.corpus[:400], train_records=world.train_records,
+            val_records=world.val_records[:5], mend_overrides={"max_iters": 12, "val_interval": 6})
+        torch.set_num_threads(1)
+        results = compare.run_comparison(ALGS, fresh(pristine), world.eval_records, turns=TURNS,
+                                         batch_size=BATCH, comparison=comparison, progress=False,
+                                         generation=False, heldout_texts=world.heldout_corpus[:16])
+    finally:
+        os.chdir(cwd)
     paths = compare.write_comparison(results, str(tmp / "out"), meta={"argv": ["test"]})
     return results, paths, comparison
 

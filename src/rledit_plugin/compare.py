@@ -104,7 +104,7 @@ class Comparison:
                  rledit_archive: Optional[str] = None, mend_archive: Optional[str] = None,
                  mend_overrides: Optional[Dict[str, Any]] = None, stats_dir: Optional[str] = None,
                  reuse_stats: bool = False):
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).resolve()
         self.hparams = {hparams_key_name(k): str(v) for k, v in (hparams or {}).items()}
         self.hparams_key, self.model_dir = hparams_key, model_dir
         self.corpus, self.train_records, self.val_records = corpus, train_records, val_records
@@ -227,7 +227,7 @@ def run_comparison(algs: Sequence[str], model_factory: Callable[[], Tuple[Any, A
     for alg in algs:
         if progress:
             print(f"[compare] {alg}: set-up ...", flush=True)
-        setup_seconds = None
+        setup_seconds = t0 = None
         stage = "load"
         try:
             model, tok = model_factory()
@@ -253,6 +253,8 @@ def run_comparison(algs: Sequence[str], model_factory: Callable[[], Tuple[Any, A
             result["timing"]["peak_rss_mb_method"] = _peak_rss_mb() if rss_reset else None
             result["status"] = "ok"
         except Exception as e:                # one baseline failing must not stop the others
+            if stage == "setup":              # time spent until it failed
+                setup_seconds = time.perf_counter() - t0
             result = failure(alg, stage, e, setup_seconds)
             if progress:
                 print(f"[compare] {alg} FAILED ({stage}): {result['error']}", flush=True)
@@ -388,7 +390,9 @@ def cmd_compare(args) -> int:
         mend_overrides={"max_iters": args.mend_iters} if args.mend_iters else None,
         stats_dir=args.stats_dir, reuse_stats=args.reuse_stats)
     heldout = _read_lines(args.heldout) if args.heldout else (world.heldout_corpus if world else None)
-    meta = {"argv": ["rledit"] + sys.argv[1:], "model": args.model, "turns": args.turns,
+    rest = sys.argv[1:]
+    rest = rest[1:] if rest[:1] == ["compare"] else rest      # `rledit compare` or `python -m`
+    meta = {"argv": ["rledit", "compare"] + rest, "model": args.model, "turns": args.turns,
             "batch": args.batch, "algs": algs, "torch_threads": torch.get_num_threads(),
             "data": args.data or "embedded eval split"}
 

@@ -311,7 +311,7 @@ def train_mend(model_dir: str, training_yaml: str, train_records, val_records, w
 
     from ..data.formats import write_zsre
     easyeditor = ensure_easyedit()
-    work = Path(work_dir)
+    work = Path(work_dir).resolve()      # the trainer runs with work as its cwd
     work.mkdir(parents=True, exist_ok=True)
     hp = easyeditor.MENDTrainingHparams.from_hparams(str(training_yaml))
     for key, value in (overrides or {}).items():
