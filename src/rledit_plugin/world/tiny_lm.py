@@ -89,7 +89,7 @@ def build_tokenizer(world: World):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(_training_texts(world), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                                   pad_token=PAD_TOKEN, add_prefix_space=True,
+                                   pad_token=PAD_TOKEN,
                                    clean_up_tokenization_spaces=False,
                                    # no token_type_ids: GPT-2 would add wte[0] when a host
                                    # calls model(**tok(...)), Llama rejects the argument
