@@ -158,12 +158,14 @@ def test_tokenizer_round_trips_and_answers_are_single_tokens(world_tokenizer, wo
         for obj in rel.objects:
             ids = tok(" " + obj, add_special_tokens=False)["input_ids"]
             assert len(ids) == 1 and tok.decode(ids) == obj
-    # the subject is one token wherever it stands
+    # the subject is one token after a space (GPT-2 convention, no prefix space: EasyEdit's
+    # slow GPT2Tokenizer must split exactly like this fast tokenizer)
     r = world.eval_records[0]
     subject_ids = tok(" " + r.subject, add_special_tokens=False)["input_ids"]
     assert len(subject_ids) == 1
     for p in [r.prompt] + r.paraphrases:
-        assert subject_ids[0] in tok(p)["input_ids"]
+        if " " + r.subject in p:
+            assert subject_ids[0] in tok(p)["input_ids"]
     batch = tokenize_teacher_forced(tok, [r.prompt], [r.target_true])
     assert tok.decode(batch["input_ids"][0][batch["labels"][0] != -100]) == r.target_true
 
