@@ -31,23 +31,22 @@ from .facts import SPLITS, World, build_world
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 ARCHS = ("gpt2", "llama")
-_CACHE_FORMAT = 3   # bump when the training code changes what a cache entry holds
+_CACHE_FORMAT = 1   # bump when the training code changes what a cache entry holds
 
 
 @dataclass(frozen=True)
 class TinyLMConfig:
     """Model size and pre-training schedule (both are part of the cache key).
 
-    Tuned for memorisation speed on CPU (measured: deeper stacks and tied
-    embeddings memorise far slower per epoch): one layer, untied output head, a
-    20x learning rate on the input embeddings (each subject row is touched by
-    only ~40 of ~24k lines per epoch, and that row is where its facts end up),
-    small batches, answer tokens weighted 5x, a fixed number of epochs.
+    Tuned for memorisation speed on CPU: one wide layer, untied output head,
+    a 20x learning rate on the input embeddings (each subject row is touched
+    by only ~40 of ~24k lines per epoch, and that row is where its facts end
+    up), small batches and answer tokens weighted 5x.
     """
-    d_model: int = 128
+    d_model: int = 192
     n_layer: int = 1
     n_head: int = 4
-    d_ff: int = 256
+    d_ff: int = 384
     max_positions: int = 64
     tie_embeddings: bool = False
     seed: int = 0
@@ -62,14 +61,6 @@ class TinyLMConfig:
     # right (teacher-forced, measured for free on the training batches).
     stop_accuracy: Optional[float] = None
 
-    @classmethod
-    def for_arch(cls, arch: str) -> "TinyLMConfig":
-        """The default for ``arch``: Llama (no absolute positions, RMSNorm, SwiGLU)
-        needs twice GPT-2's learning rate to memorise in the same 10 epochs."""
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-        return cls(lr=1e-2) if arch == "llama" else cls()
-
 
 def default_cache_dir() -> str:
     return os.environ.get("RLEDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
@@ -81,24 +72,24 @@ def default_cache_dir() -> str:
 def build_tokenizer(world: World):
     """Byte-level BPE trained on the world's text, as a ``PreTrainedTokenizerFast``.
 
-    GPT-2's conventions exactly (no prefix space, plain byte-level decoding), so
-    the slow ``GPT2Tokenizer`` EasyEdit loads from ``vocab.json``/``merges.txt``
-    splits text identically and ``decode(encode(text)) == text`` for any text.
-    The vocabulary is left unbounded: training stops when every word of the
-    world is one token (" Name" for every subject: no template starts with one).
+    A prefix space is added (so a subject or answer is the same token at the start
+    of a text and after a space) and stripped again on decode, so
+    ``decode(encode(text)) == text`` for any text not starting with a space.
+    The vocabulary is left unbounded: training stops when every word is one token.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=1_000_000, show_progress=False,
                                   special_tokens=[EOS_TOKEN, PAD_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(_training_texts(world), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                                   pad_token=PAD_TOKEN, add_prefix_space=False,
+                                   pad_token=PAD_TOKEN,
                                    clean_up_tokenization_spaces=False,
                                    # no token_type_ids: GPT-2 would add wte[0] when a host
                                    # calls model(**tok(...)), Llama rejects the argument
@@ -252,7 +243,7 @@ def _length_buckets(lines, batch_size: int, gen: torch.Generator) -> List[List[i
 def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLMConfig] = None,
                   progress: bool = True):
     """Pre-train a fresh tiny LM on the world; returns ``(model, stats)``."""
-    cfg = config or TinyLMConfig.for_arch(arch)
+    cfg = config or TinyLMConfig()
     model = build_model(tok, arch, cfg, seed=cfg.seed)
     model.train()
     lines = _encode_corpus(world, tok)
@@ -367,7 +358,7 @@ def load_or_train_tiny_lm(world: Optional[World] = None, arch: str = "gpt2",
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     world = world or build_world()
-    cfg = config or TinyLMConfig.for_arch(arch)
+    cfg = config or TinyLMConfig()
     cache_dir = os.path.abspath(cache_dir or default_cache_dir())
     path = os.path.join(cache_dir, f"tiny-{arch}-{cache_key(world, arch, cfg)}")
     if os.path.isfile(os.path.join(path, "rledit_info.json")):
