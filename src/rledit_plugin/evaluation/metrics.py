@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..data.records import IGNORE_INDEX, EditRecord, tokenize_teacher_forced
+from ..data.records import IGNORE_INDEX, EditRecord, split_prompt_answer, tokenize_teacher_forced
 
 FRACTION_METRICS = ("efficacy", "generalization", "specificity", "specificity_vs_unedited",
                     "generation_em")
@@ -77,11 +77,6 @@ def _batches_by_length(lengths: Sequence[int], batch_size: int) -> List[List[int
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _answer_ids(tok, answer: str) -> List[int]:
-    # Same convention as data.records: the answer follows the prompt after one space.
-    return tok(" " + answer.strip(), add_special_tokens=False)["input_ids"]
 
 
 def _prompt_ids(tok, prompt: str) -> List[int]:
@@ -190,7 +185,8 @@ def generation_exact_match(model: nn.Module, tok, prompts: Sequence[str],
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    target_ids = [_answer_ids(tok, t) for t in targets]
+    # the answer's tokens as they follow the prompt (records' convention, no stray '▁')
+    target_ids = [split_prompt_answer(tok, p, t)[1] for p, t in zip(prompts, targets)]
     generated = greedy_generate(model, tok, prompts, [len(t) + 1 for t in target_ids],
                                 batch_size, max_length)
     eos = tok.eos_token_id
