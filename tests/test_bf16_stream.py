@@ -1,0 +1,93 @@
+"""The editor on 16-bit weights: compensated accumulation keeps the journal's cumulative update.
+
+A few small edit batches into a tiny bf16 GPT-2 / Llama. Each run is compared
+with its own journal (the exact fp64 sum of the applied low-rank factors): with
+``accumulate: none`` part of every update rounds away; with an fp32 residual the
+bf16 weight must be the journal's value rounded once (within one bf16 ulp per
+element) and weight + residual must carry the journal's sum to fp32 accuracy.
+"""
+import copy
+
+import pytest
+import torch
+
+from rledit_plugin.core.editor import RLEditor
+from rledit_plugin.hparams import RLEditHyperParams
+from rledit_plugin.kernels import make_residual, update_survival
+from rledit_plugin.models import weight_view
+
+MODULES = {"gpt2": ["transformer.h.1.mlp.c_proj"], "llama": ["model.layers.1.mlp.down_proj"]}
+# Chosen so the cumulative update is ~3% of ||W|| and each turn's part of it is
+# near bf16's resolution, where rounding on store loses a visible share.
+INIT_LR = {"gpt2": 1e-3, "llama": 0.3}
+N_TURNS, PER_TURN = 12, 2
+
+
+def _hp(arch, accumulate):
+    return RLEditHyperParams(inner_params=MODULES[arch], rank=8, n_blocks=2, init_lr=INIT_LR[arch],
+                             max_length=48, edit_minibatch=3, torch_dtype="bfloat16",
+                             accumulate=accumulate, kernel_path="torch")
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def bf16_pair(request, random_gpt2, random_llama):
+    model, tok = random_gpt2 if request.param == "gpt2" else random_llama
+    return request.param, copy.deepcopy(model).to(torch.bfloat16), tok
+
+
+def _residuals_in_kernel_layout(editor):
+    # The kernels speak (d_out, d_in) = weight_view(module); rebuild a buffer made
+    # in module.weight's layout (GPT-2 Conv1D) so the compensated path can run.
+    for name, module in editor.modules.items():
+        res = editor._residuals[name]
+        if res is not None and res.shape != weight_view(module).shape:
+            editor._residuals[name] = make_residual(weight_view(module), editor.hparams.accumulate)
+
+
+def _stream(arch, model, tok, records, accumulate):
+    editor = RLEditor(model, tok, _hp(arch, accumulate), keep_journal=True)
+    _residuals_in_kernel_layout(editor)
+    name = MODULES[arch][0]
+    start = weight_view(editor.modules[name]).detach().double().clone()
+    for turn in range(N_TURNS):
+        editor.edit(records[turn * PER_TURN:(turn + 1) * PER_TURN])
+    intended = sum((u.keys[name].double().t() @ u.coeffs[name].double()).t() for u in editor.journal)
+    final = weight_view(editor.modules[name]).detach()
+    return start, final, editor._residuals[name], intended
+
+
+def test_residual_keeps_the_journal_sum_on_bf16_weights(bf16_pair, world):
+    arch, model, tok = bf16_pair
+    records = world.train_records[:N_TURNS * PER_TURN]
+    start_n, final_n, res_n, want_n = _stream(arch, copy.deepcopy(model), tok, records, "none")
+    start_c, final_c, res_c, want_c = _stream(arch, copy.deepcopy(model), tok, records, "fp32")
+    assert res_n is None and res_c is not None and res_c.dtype == torch.float32
+    assert final_c.dtype == torch.bfloat16
+
+    lost = update_survival(start_n, final_n, want_n)
+    kept = update_survival(start_c, final_c, want_c)
+    # Without compensation a visible part of the update is lost; the setting must make it so.
+    assert lost["rel_error"] > 0.1, lost
+    assert kept["rel_error"] < 0.5 * lost["rel_error"], (kept, lost)
+    assert abs(kept["fraction"] - 1.0) < 0.02, kept
+
+    # The bf16 weight is the exact running value rounded once: within one ulp per element.
+    exact = start_c + want_c
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    assert ((final_c.double() - exact).abs() <= ulp * 1.0001).all()
+    # Weight + residual carries the sum to fp32 accuracy.
+    tracked = update_survival(start_c, final_c.double() + res_c.double(), want_c)
+    assert tracked["rel_error"] < 1e-4, tracked
+
+
+def test_editor_builds_residuals_in_the_kernel_layout(bf16_pair, request):
+    arch, model, tok = bf16_pair
+    if arch == "gpt2":  # strict: once editor.py is fixed this XPASSes and the marker must go
+        request.applymarker(pytest.mark.xfail(
+            strict=True, raises=AssertionError,
+            reason="editor.py makes residuals from module.weight (d_in, d_out for Conv1D) but "
+                   "applies them to weight_view(module) (d_out, d_in): fix reported to the lead"))
+    editor = RLEditor(model, tok, _hp(arch, "kahan"))
+    for name, module in editor.modules.items():
+        res = editor._residuals[name]
+        assert res.shape == weight_view(module).shape and res.dtype == torch.bfloat16
