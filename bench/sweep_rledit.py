@@ -19,6 +19,7 @@ import torch
 
 from rledit_plugin.core.editor import RLEditor
 from rledit_plugin.core.trainer import train_hypernetwork
+from rledit_plugin.core.whitening import record_texts
 from rledit_plugin.evaluation import run_stream
 from rledit_plugin.hparams import RLEditTrainingHyperParams
 from rledit_plugin.models import load_model_and_tokenizer
@@ -57,7 +58,7 @@ def run_one(base: str, overrides: dict, world, turns: int, batch: int, split: st
     train_s = time.perf_counter() - start
     records = world.val_records if split == "val" else world.eval_records
     editor = RLEditor(model, tok, hp.editing(), hypernet=copy.deepcopy(net) if net else None,
-                      keep_journal=False)
+                      keep_journal=False, whitening_texts=record_texts(world.train_records))
     result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
                         heldout_texts=world.heldout_corpus[:200], progress=False)
     row = {"overrides": overrides, "train_seconds": round(train_s, 1),

@@ -12,6 +12,7 @@ from rledit_plugin.core.capture import answer_token_loss, capture
 from rledit_plugin.core.editor import RLEditor, norm_state
 from rledit_plugin.core.solve import ridge_primal
 from rledit_plugin.core.trainer import SequenceTrainer, train_hypernetwork
+from rledit_plugin.core.whitening import record_texts
 from rledit_plugin.data.records import (answer_positions, edit_batch, locality_batch,
                                         paraphrase_batch)
 from rledit_plugin.hparams import RLEditHyperParams, RLEditTrainingHyperParams
@@ -120,13 +121,20 @@ def test_rollback_and_restore_are_exact(pair, world):
         editor.rollback(1)
 
 
-def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world, tmp_path):
-    """One training step: the trainer's hypernetwork gradient equals end-to-end autograd (float64)."""
+@pytest.mark.parametrize("whitening", [False, True])
+def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world, tmp_path, whitening):
+    """One training step: the trainer's hypernetwork gradient equals end-to-end autograd (float64).
+
+    With key whitening the reference is the generalised-Tikhonov primal solve
+    (K^T K + e^lam S^-2)^-1 K^T D, so the whitened dual form is checked too."""
     model, tok = random_gpt2
     model = copy.deepcopy(model).double()
     hp = _train_hp(GPT2_MODULES, tmp_path, traj_len=1, n_trajectories=1, max_grad_norm=1e12,
-                   reg_coef=0.5, reg_mode="paper", loc_coef=0.6, loss_minibatch=2)
-    trainer = SequenceTrainer(model, tok, hp, progress=False)
+                   reg_coef=0.5, reg_mode="paper", loc_coef=0.6, loss_minibatch=2,
+                   key_whitening=whitening, whitening_damping=0.1)
+    trainer = SequenceTrainer(model, tok, hp, progress=False,
+                              whitening_texts=record_texts(world.train_records[:10]))
+    assert trainer.net.whitened == whitening
     net = trainer.net.double()
     with torch.no_grad():   # move off the identity init so every parameter matters
         for name, p in net.named_parameters():
@@ -154,7 +162,13 @@ def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world,
     new_weights, reg = {}, 0.0
     for n in GPT2_MODULES:
         d = net.values(n, cap.keys[n].double(), cap.grads[n].double())
-        dw = ridge_primal(cap.keys[n].double(), d, net.lam(n))       # (d_in, d_out) = Conv1D layout
+        k = cap.keys[n].double()
+        if whitening:
+            s_mat = net.whitening(n)
+            tikhonov = torch.linalg.inv(s_mat @ s_mat)
+            dw = torch.linalg.solve(k.T @ k + net.lam(n).exp() * tikhonov, k.T @ d)
+        else:
+            dw = ridge_primal(k, d, net.lam(n))                      # (d_in, d_out) = Conv1D layout
         new_weights[f"{n}.weight"] = pristine[n] + dw
         reg = reg + hp.reg_coef * (dw ** 2).sum()
     out = functional_call(model, new_weights, args=(), kwargs=dict(input_ids=para["input_ids"], attention_mask=para["attention_mask"]))
@@ -173,11 +187,12 @@ def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world,
         torch.testing.assert_close(recorded[name], p.grad, rtol=1e-6, atol=1e-10, msg=name)
 
 
-def test_train_archive_load_edit_round_trip_and_determinism(random_gpt2, world, tmp_path):
+@pytest.mark.parametrize("whitening", [False, True])
+def test_train_archive_load_edit_round_trip_and_determinism(random_gpt2, world, tmp_path, whitening):
     model, tok = random_gpt2
     model = copy.deepcopy(model)
     pristine = copy.deepcopy(model)
-    hp = _train_hp(GPT2_MODULES, tmp_path)
+    hp = _train_hp(GPT2_MODULES, tmp_path, key_whitening=whitening)
     net, history = train_hypernetwork(model, tok, hp, world.train_records[:30], world.val_records[:6], progress=False)
     assert len(history) == hp.n_trajectories + 1 and "val" in history[-1]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
@@ -191,11 +206,12 @@ def test_train_archive_load_edit_round_trip_and_determinism(random_gpt2, world, 
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
 
     # a second seeded run writes the identical archive
-    hp2 = _train_hp(GPT2_MODULES, tmp_path / "second")
+    hp2 = _train_hp(GPT2_MODULES, tmp_path / "second", key_whitening=whitening)
     train_hypernetwork(copy.deepcopy(pristine), tok, hp2, world.train_records[:30], world.val_records[:6], progress=False)
     a = load_file(os.path.join(hp.results_dir, "hypernet.safetensors"))
     b = load_file(os.path.join(hp2.results_dir, "hypernet.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith(".whiten") for k in a) == whitening
 
 
 def test_archive_refuses_a_different_shape(random_gpt2, random_llama, tmp_path):

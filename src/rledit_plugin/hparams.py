@@ -113,6 +113,10 @@ class RLEditHyperParams(_YamlParams):
     accumulate: str = "none"
     torch_dtype: str = "float32"
     seed: int = 0
+    # ridge penalty shaped by the key second moment (core/whitening.py); off = the paper's ridge
+    key_whitening: bool = False
+    whitening_damping: float = 0.01
+    whitening_texts: Optional[str] = None   # text file, one per line; default: the training records
 
     def validate(self, source: str = "<hparams>") -> None:
         if self.alg_name.lower() != "rledit":
@@ -129,6 +133,8 @@ class RLEditHyperParams(_YamlParams):
             raise HParamsError(f"{source}: key 'kernel_path' must be auto, torch or triton")
         if self.torch_dtype not in ("float32", "bfloat16", "float16"):
             raise HParamsError(f"{source}: key 'torch_dtype' must be float32, bfloat16 or float16")
+        if float(self.whitening_damping) <= 0:
+            raise HParamsError(f"{source}: key 'whitening_damping' must be > 0")
 
 
 @dataclass

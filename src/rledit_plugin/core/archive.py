@@ -123,6 +123,8 @@ def load_archive(path: str, model, expect_modules: Optional[Sequence[str]] = Non
     net = HyperNetwork({n: tuple(s) for n, s in meta["modules"].items()}, rank=hp["rank"],
                        n_blocks=hp["n_blocks"], init_lr=hp["init_lr"], init_lam=hp["init_lam"],
                        eps=hp["norm_eps"])
+    if hp.get("key_whitening"):
+        net.enable_whitening()          # buffers exist before the archive's values load into them
     state = load_file(os.path.join(path, TENSORS))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -25,11 +25,16 @@ from ..models import default_edit_modules, get_module, io_dims, model_device, we
 from .capture import Capture, capture
 from .hypernet import HyperNetwork
 from .solve import GramFactor, ridge_dual
+from .whitening import compute_whitening, read_texts
 
 
 @dataclass
 class Update:
-    """One edit batch's low-rank update: ``dW[name] = keys[name]^T @ coeffs[name]``."""
+    """One edit batch's low-rank update: ``dW[name] = keys[name]^T @ coeffs[name]``.
+
+    ``keys`` is the right factor: the captured keys ``K``, or ``K S^2`` with key
+    whitening (core/whitening.py); the raw keys are in ``capture.keys``.
+    """
     keys: Dict[str, torch.Tensor]     # (N, d_in)
     coeffs: Dict[str, torch.Tensor]   # (N, d_out)
     capture: Optional[Capture] = None
@@ -37,14 +42,19 @@ class Update:
     factors: Dict[str, GramFactor] = field(default_factory=dict)   # reused by the trainer's backward
 
 
+def _norm_buffers(net: nn.Module):
+    # the running normalisers: the hypernetwork's only state that changes while editing
+    return ((k, v) for k, v in net.named_buffers() if ".norms." in k)
+
+
 def norm_state(net: nn.Module) -> Dict[str, torch.Tensor]:
-    """Copy of the hypernetwork's buffers: the running normalisers, its only state besides weights."""
-    return {k: v.detach().clone() for k, v in net.named_buffers()}
+    """Copy of the running normalisers' buffers."""
+    return {k: v.detach().clone() for k, v in _norm_buffers(net)}
 
 
 def load_norm_state(net: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for k, v in net.named_buffers():
+        for k, v in _norm_buffers(net):
             v.copy_(state[k])
 
 
@@ -65,7 +75,8 @@ class RLEditor:
     """Edits ``model`` in place, one batch of records after another."""
 
     def __init__(self, model: nn.Module, tok, hparams: RLEditHyperParams,
-                 hypernet: Optional[HyperNetwork] = None, keep_journal: bool = True):
+                 hypernet: Optional[HyperNetwork] = None, keep_journal: bool = True,
+                 whitening_texts: Optional[Sequence[str]] = None):
         self.model, self.tok, self.hparams = model, tok, hparams
         names = edit_module_names(model, hparams)
         self.modules: Dict[str, nn.Module] = {n: get_module(model, n) for n in names}
@@ -77,12 +88,24 @@ class RLEditor:
             raise ValueError(f"hypernetwork edits {sorted(self.hypernet.module_names)} "
                              f"but the hparams ask for {sorted(names)}")
         self.hypernet.to(model_device(model)).requires_grad_(False)
+        if hparams.key_whitening and not self.hypernet.whitened:
+            self._init_whitening(whitening_texts)
         self.keep_journal = keep_journal
         self.journal: List[Update] = []
         self._pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
         self._pristine_norm = norm_state(self.hypernet)
         self._norm_history: List[dict] = []
         self._residuals = {n: make_residual(m.weight, hparams.accumulate) for n, m in self.modules.items()}
+
+    def _init_whitening(self, texts: Optional[Sequence[str]]) -> None:
+        hp = self.hparams
+        if hp.whitening_texts:
+            texts = read_texts(hp.whitening_texts)
+        if not texts:
+            raise ValueError("key_whitening: true needs key statistics: an archive trained with "
+                             "it, 'whitening_texts' (a text file), or texts passed by the trainer")
+        self.hypernet.set_whitening(compute_whitening(self.model, self.tok, self.modules, texts,
+                                                      hp.whitening_damping, hp.max_length))
 
     # -- the algorithm -------------------------------------------------
     @property
@@ -104,8 +127,12 @@ class RLEditor:
                 if update_norm:
                     self.hypernet.update_norm(name, k, g)
                 d = self.hypernet.values(name, k, g)
-                coeffs[name], factors[name] = ridge_dual(k, d, self.hypernet.lam(name), return_factor=True)
-                keys[name], values[name] = k, d
+                s = self.hypernet.whitening(name)
+                k_solve = k if s is None else k @ s.to(k.dtype)
+                coeffs[name], factors[name] = ridge_dual(k_solve, d, self.hypernet.lam(name),
+                                                         return_factor=True)
+                keys[name] = k if s is None else k_solve @ s.to(k.dtype)
+                values[name] = d
         return Update(keys, coeffs, cap, values, factors)
 
     def apply(self, update: Update, alpha: float = 1.0) -> None:

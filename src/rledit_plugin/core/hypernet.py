@@ -129,6 +129,9 @@ class ShapeGroupNet(nn.Module):
         self.blocks = nn.ModuleList(HyperBlock(width, rank, n_modules, a_std) for _ in range(n_blocks))
         self.lr = nn.Parameter(torch.full((n_modules,), float(init_lr)))
         self.lam = nn.Parameter(torch.full((n_modules,), float(init_lam)))
+        # Optional key whitening S (n_modules, d_in, d_in), see core/whitening.py; a buffer so
+        # that archives, .to() and deepcopy carry it.  None = the paper's plain ridge.
+        self.register_buffer("whiten", None)
 
     def _rows(self, keys: Tensor, grads: Tensor) -> Tensor:
         if keys.dim() != 2 or grads.dim() != 2 or keys.shape[1] != self.d_in or grads.shape[1] != self.d_out:
@@ -232,3 +235,33 @@ class HyperNetwork(nn.Module):
     def lr(self, name: str) -> Tensor:
         group, index = self._group(name)
         return group.lr[index]
+
+    # -- key whitening (core/whitening.py) -------------------------------
+    @property
+    def whitened(self) -> bool:
+        return any(g.whiten is not None for g in self.groups.values())
+
+    def enable_whitening(self) -> None:
+        """Create identity whitening buffers (then load or :meth:`set_whitening` them)."""
+        for g in self.groups.values():
+            if g.whiten is None:
+                g.whiten = torch.eye(g.d_in, device=g.lr.device).expand(g.n_modules, -1, -1).clone()
+
+    def set_whitening(self, matrices: dict[str, Tensor]) -> None:
+        """Whitening matrix S (d_in, d_in) per module name; every edited module needs one."""
+        missing = sorted(set(self._shapes) - set(matrices))
+        if missing:
+            raise ValueError(f"no whitening matrix for {missing}")
+        self.enable_whitening()
+        with torch.no_grad():
+            for name, s in matrices.items():
+                group, index = self._group(name)
+                if tuple(s.shape) != (group.d_in, group.d_in):
+                    raise ValueError(f"whitening matrix for {name!r} must be ({group.d_in}, {group.d_in}), "
+                                     f"got {tuple(s.shape)}")
+                group.whiten[index].copy_(s)
+
+    def whitening(self, name: str) -> Tensor | None:
+        """S for module ``name``, or None when the plain ridge is used."""
+        group, index = self._group(name)
+        return None if group.whiten is None else group.whiten[index]

@@ -39,6 +39,7 @@ from .capture import at_least_fp32, answer_token_loss, eval_mode, frozen_paramet
 from .editor import RLEditor, Update, load_norm_state, norm_state
 from .hypernet import HyperNetwork
 from .solve import l2_term_kg, project_weight_grad, ridge_dual_backward
+from .whitening import record_texts
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,12 @@ class SequenceTrainer:
     """Owns the model, an :class:`RLEditor` whose hypernetwork it trains, and Adam."""
 
     def __init__(self, model, tok, hparams: RLEditTrainingHyperParams,
-                 hypernet: Optional[HyperNetwork] = None, progress: bool = True):
+                 hypernet: Optional[HyperNetwork] = None, progress: bool = True,
+                 whitening_texts: Optional[Sequence[str]] = None):
         self.hp, self.model, self.tok, self.progress = hparams, model, tok, progress
         torch.manual_seed(hparams.seed)
-        self.editor = RLEditor(model, tok, hparams.editing(), hypernet=hypernet, keep_journal=False)
+        self.editor = RLEditor(model, tok, hparams.editing(), hypernet=hypernet, keep_journal=False,
+                               whitening_texts=whitening_texts)
         self.net = self.editor.hypernet
         self.net.requires_grad_(True)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=hparams.meta_lr)
@@ -156,7 +159,7 @@ class SequenceTrainer:
                 kg = kg + reg_kg
             lam = self.net.lam(name)
             d_coeff, d_lam = ridge_dual_backward(k, c, kg, lam.detach(), update.factors.get(name))
-            values = self.net.values(name, k, update.capture.grads[name])   # with graph
+            values = self.net.values(name, update.capture.keys[name], update.capture.grads[name])  # with graph
             surrogate = (d_coeff * values).sum() + (d_lam * lam).sum()
             (surrogate * scale).backward()
             module.weight.grad = None
@@ -226,7 +229,8 @@ def train_hypernetwork(model, tok, hparams: RLEditTrainingHyperParams,
     """
     if not train_records:
         raise ValueError("no training records")
-    trainer = SequenceTrainer(model, tok, hparams, progress=progress)
+    texts = record_texts(train_records) if hparams.key_whitening else None
+    trainer = SequenceTrainer(model, tok, hparams, progress=progress, whitening_texts=texts)
     val = list(val_records or [])[: hparams.n_val]
     history: List[dict] = []
     best_state, best_score = None, -math.inf

@@ -1,0 +1,87 @@
+"""Key whitening: statistics, the whitening matrix and the whitened dual solve vs references."""
+import copy
+
+import pytest
+import torch
+
+from rledit_plugin.core.editor import RLEditor, norm_state
+from rledit_plugin.core.solve import ridge_dual
+from rledit_plugin.core.whitening import (key_second_moments, read_texts, record_texts,
+                                          whitening_matrix)
+from rledit_plugin.hparams import HParamsError, RLEditHyperParams
+
+MODULES = ["transformer.h.1.mlp.c_proj"]
+
+
+def test_second_moment_equals_brute_force_over_unpadded_tokens(random_gpt2, world):
+    model, tok = random_gpt2
+    texts = record_texts(world.train_records[:4])
+    got = key_second_moments(model, tok, {"lm_head": model.lm_head}, texts, batch_size=3)["lm_head"]
+    rows = []
+    with torch.no_grad():       # lm_head's input is the last hidden state; one text at a time: no padding
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"]])
+            rows.append(model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].double())
+    x = torch.cat(rows)
+    torch.testing.assert_close(got, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)   # fp32 model
+
+
+def test_whitening_matrix_inverts_the_damped_moment():
+    torch.manual_seed(0)
+    x = torch.randn(50, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    m = x.T @ x / 50
+    s = whitening_matrix(m, damping=0.1).double()
+    a = m + 0.1 * m.trace() / 6 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(s, s.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s @ a @ s, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="damping"):
+        whitening_matrix(m, damping=0.0)
+
+
+def test_whitened_dual_solve_is_the_generalised_ridge():
+    """dW = (K S^2)^T C with C from the dual solve on K S equals (K^T K + e^lam S^-2)^-1 K^T D."""
+    torch.manual_seed(1)
+    k = torch.randn(7, 12, dtype=torch.float64)
+    d = torch.randn(7, 5, dtype=torch.float64)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    s = whitening_matrix(x.T @ x / 40, 0.05).double()
+    lam = torch.tensor(0.3, dtype=torch.float64)
+    c = ridge_dual(k @ s, d, lam)
+    dual = (k @ s @ s).T @ c
+    primal = torch.linalg.solve(k.T @ k + lam.exp() * torch.linalg.inv(s @ s), k.T @ d)
+    torch.testing.assert_close(dual, primal, rtol=1e-8, atol=1e-10)
+
+
+def test_editor_applies_the_whitened_update_and_keeps_normaliser_state_small(random_gpt2, world):
+    model, tok = random_gpt2
+    model = copy.deepcopy(model)
+    hp = RLEditHyperParams(inner_params=MODULES, rank=8, n_blocks=1, init_lr=1e-2, max_length=48,
+                           key_whitening=True, whitening_damping=0.05)
+    editor = RLEditor(model, tok, hp, whitening_texts=record_texts(world.train_records[:8]))
+    assert editor.hypernet.whitened
+    assert not any("whiten" in k for k in norm_state(editor.hypernet))   # journal copies stay small
+    w0 = editor.modules[MODULES[0]].weight.detach().clone()
+    update = editor.compute_update(world.eval_records[:3])
+    s = editor.hypernet.whitening(MODULES[0])
+    k = update.capture.keys[MODULES[0]]
+    torch.testing.assert_close(update.keys[MODULES[0]], k @ s @ s, rtol=1e-5, atol=1e-6)
+    editor.apply(update)
+    dw = update.keys[MODULES[0]].T @ update.coeffs[MODULES[0]]            # Conv1D layout (d_in, d_out)
+    torch.testing.assert_close(editor.modules[MODULES[0]].weight - w0, dw, rtol=1e-4, atol=1e-6)
+
+
+def test_whitening_needs_statistics_and_reads_text_files(random_gpt2, tmp_path):
+    model, tok = random_gpt2
+    hp = RLEditHyperParams(inner_params=MODULES, rank=8, n_blocks=1, key_whitening=True)
+    with pytest.raises(ValueError, match="whitening_texts"):
+        RLEditor(copy.deepcopy(model), tok, hp)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ValueError, match="empty.txt"):
+        read_texts(str(empty))
+    text = tmp_path / "texts.txt"
+    text.write_text("Alice lives in Paris.\nBob plays golf.\n")
+    hp.whitening_texts = str(text)
+    assert RLEditor(copy.deepcopy(model), tok, hp).hypernet.whitened
+    with pytest.raises(HParamsError, match="whitening_damping"):
+        RLEditHyperParams.from_dict({"whitening_damping": 0}, source="x.yaml")
