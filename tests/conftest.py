@@ -70,3 +70,59 @@ def random_llama(_world_tokenizer):
     """(model, tok): a tiny randomly initialised Llama on the world's tokenizer."""
     return random_tiny_lm(arch="llama", tok=copy.deepcopy(_world_tokenizer),
                           d_model=32, n_layer=2, n_head=2, d_ff=64)
+
+
+# ---------------------------------------------------------------- tiny builders
+# Hand-made tokenizers and models for tests that need their own small vocabulary
+# (their own corpus) rather than the world's: seeded, built in milliseconds.
+
+def bpe_tokenizer(lines, vocab_size: int, with_bos: bool = False):
+    """Byte-level BPE (no prefix space) trained on ``lines``; ``<eos>`` = 0 (also the pad
+    token), ``<s>`` = 1. ``with_bos``: Llama-style, the tokenizer adds BOS to every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>", "<s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if with_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>",
+                                   bos_token="<s>")
+
+
+def tiny_gpt2(tok, d_model: int = 32, d_ff=None, seed: int = 0, **config):
+    """A seeded random 2-layer, 2-head GPT-2 for ``tok`` (no dropout, 64 positions), eval mode.
+    ``d_ff=None`` is GPT-2's 4 x d_model; ``config`` adds or overrides GPT2Config fields."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=len(tok), n_positions=64, n_embd=d_model, n_inner=d_ff, n_layer=2,
+                  n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    fields.update(config)
+    return GPT2LMHeadModel(GPT2Config(**fields)).eval()
+
+
+def tiny_llama(tok, d_model: int = 32, d_ff: int = 64, seed: int = 0, **config):
+    """A seeded random 2-layer, 2-head Llama for ``tok`` (eos = pad = 0, bos = 1), eval mode;
+    ``config`` adds or overrides LlamaConfig fields (e.g. ``num_key_value_heads``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_ff,
+                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  max_position_embeddings=64, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    fields.update(config)
+    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models: faster, and immune to a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

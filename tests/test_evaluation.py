@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 from torch import nn
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import bpe_tokenizer, tiny_gpt2, tiny_llama
 from rledit_plugin.data.records import EditRecord
 from rledit_plugin.evaluation import (RESULT_KEYS, answer_logprob, capture_reference,
                                       generation_exact_match, greedy_generate, markdown_table,
@@ -21,6 +20,7 @@ from rledit_plugin.evaluation import (RESULT_KEYS, answer_logprob, capture_refer
 SUBJECTS = ["Alvor", "Brenn", "Cadra", "Dovik", "Ennis", "Farro", "Gesta", "Holm"]
 CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito", "Delhi", "Perth"]
 JOBS = ["doctor", "baker", "pilot", "farmer"]
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 METRICS = ("efficacy", "generalization", "specificity", "specificity_vs_unedited",
            "generation_em", "perplexity", "weight_change_norm")
 
@@ -34,25 +34,7 @@ def _corpus():
 
 
 def _tokenizer(with_bos: bool):
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<eos>", "<s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if with_bos:  # Llama-style: the tokenizer adds BOS to every prompt
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>",
-                                   bos_token="<s>")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Models here are tiny: one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return bpe_tokenizer(_corpus(), vocab_size=400, with_bos=with_bos)
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +48,11 @@ def llama_tok():
 
 
 def _gpt2(tok, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2(tok, seed=seed, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
 
 
 def _llama(tok, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tok, seed=seed)
 
 
 @pytest.fixture(params=["gpt2", "llama"])

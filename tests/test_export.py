@@ -11,10 +11,9 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import GPT2LMHeadModel
 
+from conftest import bpe_tokenizer, tiny_gpt2, tiny_llama
 from rledit_plugin.core.editor import RLEditor
 from rledit_plugin.data.formats import write_easyedit_requests
 from rledit_plugin.data.records import EditRecord
@@ -26,38 +25,23 @@ SUBJECTS = ["Alvor", "Brenn", "Cadra", "Dovik", "Ennis", "Farro", "Gesta", "Holm
 CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito", "Delhi", "Perth", "Porto"]
 GPT2_MODULES = ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
 LLAMA_MODULES = ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 PROBES = ["Where does Alvor live?", "The home of Gesta is", "Holm works as a"]
 
 
 def _tokenizer(with_bos: bool):
     lines = [f"{s} lives in {c}. The home of {s} is {c}. Where does {s} live? {c}."
              for s, c in zip(SUBJECTS, CITIES)] * 3
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(lines, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>", "<s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if with_bos:  # Llama-style: BOS on every text
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>",
-                                   bos_token="<s>")
+    return bpe_tokenizer(lines, vocab_size=300, with_bos=with_bos)
 
 
 def _gpt2(tok, tie=True):
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_inner=128, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
+    return tiny_gpt2(tok, d_model=64, d_ff=128, tie_word_embeddings=tie,
                      eos_token_id=0, bos_token_id=1, pad_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
 
 
 def _llama(tok, kv_heads=2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                      eos_token_id=0, bos_token_id=1, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tok, d_model=64, d_ff=128, num_key_value_heads=kv_heads)
 
 
 def _records():
@@ -71,14 +55,6 @@ def _hp(modules, **kw):
                 edit_minibatch=4, seed=0)
     base.update(kw)
     return RLEditHyperParams(**base)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
