@@ -64,14 +64,14 @@ def cmd_train(args) -> int:
 
 # -- edit -------------------------------------------------------------------
 def run_edit_stream(hp, records, turns: int, batch: int, out: str, curve_every: Optional[int],
-                    name: str = "RLEdit", model=None, tok=None, heldout=None):
+                    name: str = "RLEdit", model=None, tok=None, heldout=None, whitening_texts=None):
     """Lifelong stream of RLEdit edits scored by the harness; writes JSON, table and plot."""
     from .core.editor import RLEditor
     from .evaluation import run_stream, write_report
     from .models import load_model_and_tokenizer
     if model is None:
         model, tok = load_model_and_tokenizer(hp.model_name, hp.device, hp.torch_dtype)
-    editor = RLEditor(model, tok, hp, keep_journal=False)
+    editor = RLEditor(model, tok, hp, keep_journal=False, whitening_texts=whitening_texts)
     result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
                         curve_every=curve_every, heldout_texts=heldout,
                         config={"method": name, "hparams": hp.to_dict()})
@@ -80,6 +80,7 @@ def run_edit_stream(hp, records, turns: int, batch: int, out: str, curve_every: 
 
 
 def cmd_edit(args) -> int:
+    from .core.whitening import record_texts
     from .data.formats import load_records
     from .hparams import RLEditHyperParams
     from .world import build_world
@@ -91,8 +92,10 @@ def cmd_edit(args) -> int:
     world = None if args.data else build_world()
     records = load_records(args.data, format=args.format) if args.data else world.eval_records
     heldout = world.heldout_corpus if world is not None else None
+    # an untrained, whitened hypernetwork measures its key statistics on the world's train split
+    texts = record_texts(world.train_records) if world is not None else None
     result, paths = run_edit_stream(hp, records, args.turns, args.batch, args.out, args.curve_every,
-                                    heldout=heldout)
+                                    heldout=heldout, whitening_texts=texts)
     print(json.dumps({"post": result["post"], "files": paths}, indent=2, default=str))
     return 0
 

@@ -159,7 +159,8 @@ class Comparison:
             from .core.archive import read_meta
             history = read_meta(hp.archive).get("history") or []
             info["archive_training_last"] = history[-1] if history else None
-        return RLEditor(model, tok, hp, keep_journal=False), info
+        # untrained with key whitening: its statistics come from the same text as MEMIT's
+        return RLEditor(model, tok, hp, keep_journal=False, whitening_texts=self.corpus), info
 
     def _setup_mend(self, hp, model, tok) -> Dict[str, Any]:
         from .hosts import easyedit_baselines as eb
