@@ -91,3 +91,49 @@ def test_editor_builds_residuals_in_the_kernel_layout(bf16_pair, request):
     for name, module in editor.modules.items():
         res = editor._residuals[name]
         assert res.shape == weight_view(module).shape and res.dtype == torch.bfloat16
+
+
+# ----------------------------------------- the tiled CPU route at high rank
+def _bound_ok(weight, ref, left, right, alpha, accum_tol=1e-5):
+    """Within one ulp of the weight dtype plus fp32-accumulation error of the product."""
+    fin = torch.finfo(weight.dtype)
+    bound = (fin.eps * ref.abs() + accum_tol * abs(alpha) * (left.double().abs() @ right.double().abs())
+             + fin.tiny * fin.eps)
+    return ((weight.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "transposed"))
+@pytest.mark.parametrize("dtype,accumulate", [(torch.float32, "none"), (torch.bfloat16, "none"),
+                                              (torch.bfloat16, "fp32"), (torch.bfloat16, "kahan")], ids=str)
+def test_tiled_high_rank_route_matches_fp64(dtype, accumulate, layout, monkeypatch):
+    # Rank >= ONEDNN_MIN_RANK on CPU takes the tiled route; small tiles make a
+    # ragged 2-D grid so every tile edge is crossed (the default covers W at once).
+    from rledit_plugin.kernels import torch_path
+    m, k, rank = 70, 150, torch_path.ONEDNN_MIN_RANK + 8
+    gen = torch.Generator().manual_seed(11)
+    storage = torch.randn(*((m, k) if layout == "contiguous" else (k, m)), generator=gen).to(dtype)
+    weight = storage if layout == "contiguous" else storage.t()
+    left = torch.randn(m, rank, generator=gen, dtype=torch.float64) / rank ** 0.5
+    right = torch.randn(rank, k, generator=gen, dtype=torch.float64) * 1e-2
+    left, right = left.float(), right.float()
+    residual = make_residual(weight, accumulate)
+    if residual is not None:
+        residual.copy_(torch.randn(m, k, generator=gen) * 1e-4)
+    ref = weight.double() + 0.7 * (left.double() @ right.double())
+    if residual is not None:
+        ref += residual.double()
+    monkeypatch.setattr(torch_path, "TILE_COLS", 32)
+    onednn = torch_path.use_onednn(weight, torch.float32, rank)
+    torch_path.apply_low_rank_torch_(weight, left, right, 0.7, residual, chunk_bytes=3 * 4 * 32 * 8)
+    if residual is None:
+        assert _bound_ok(weight, ref, left, right, 0.7)
+    else:  # the weight is the running value rounded once; weight + residual carries it
+        assert _bound_ok(weight, ref, left, right, 0.7)
+        tracked = weight.double() + residual.double()
+        # fp32 residual: fp32 rounding; bf16 residual: its own rounding, half a bf16
+        # ulp of a value that is itself at most half a bf16 ulp of the weight.
+        rel = 2.0 ** -23 if accumulate == "fp32" else 2.0 ** -16
+        bound = rel * ref.abs() + 1e-5 * 0.7 * (left.double().abs() @ right.double().abs()) + 1e-30
+        assert ((tracked - ref).abs() <= bound).all(), ((tracked - ref).abs() / bound).max()
+    if not onednn:
+        pytest.skip("oneDNN fp32 matmul not available here: the BLAS tiles were checked instead")

@@ -20,13 +20,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .accumulate import ACCUMULATE_MODES, make_residual, update_survival
+from .checks import PATHS, WEIGHT_DTYPES, check_path, check_update, has_work  # noqa: F401  (re-exported)
 from .torch_path import apply_low_rank_torch_
 
 __all__ = ["apply_low_rank_", "apply_low_rank_grouped_", "make_residual", "update_survival",
            "ACCUMULATE_MODES", "PATHS", "triton_available", "resolve_path"]
 
-PATHS = ("auto", "torch", "triton")
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Triton indexes W with 32-bit offsets.
 _TRITON_MAX_ELEMENTS = 2**31 - 1
 
@@ -48,8 +47,7 @@ def resolve_path(weight: torch.Tensor, path: str = "auto", residual: Optional[to
     to 2^31 elements); torch everywhere else. ``residual`` is accepted so that
     the rule may depend on it; today it does not.
     """
-    if path not in PATHS:
-        raise ValueError(f"apply_low_rank_: path must be one of {', '.join(PATHS)}, got {path!r}")
+    check_path(path, "apply_low_rank_")
     if path == "auto":
         fits = weight.numel() <= _TRITON_MAX_ELEMENTS and weight.dtype != torch.float64
         return "triton" if weight.is_cuda and fits and triton_available() else "torch"
@@ -64,41 +62,6 @@ def resolve_path(weight: torch.Tensor, path: str = "auto", residual: Optional[to
             raise ValueError(f"apply_low_rank_(path='triton'): weight has {weight.numel()} elements, "
                              "more than 32-bit indexing allows; use path='torch'")
     return path
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
-def _validate(weight, left, right, residual, where: str = "apply_low_rank_") -> None:
-    for name, t in (("weight", weight), ("left", left), ("right", right)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{where}: {name} must be 2-D, got shape {_shape(t)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{where}: {name} must be floating point, got {t.dtype}")
-        if t.device != weight.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but weight is on {weight.device}")
-    if weight.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"{where}: weight dtype {weight.dtype} not supported "
-                        "(float32, bfloat16, float16, float64)")
-    m, k = weight.shape
-    if left.shape[0] != m or right.shape[1] != k or left.shape[1] != right.shape[0]:
-        raise ValueError(f"{where}: shapes do not chain: weight {_shape(weight)}, left {_shape(left)}, "
-                         f"right {_shape(right)}; expected left (M, N) and right (N, K) for weight (M, K)")
-    if any(st == 0 and sz > 1 for st, sz in zip(weight.stride(), weight.shape)):
-        raise ValueError(f"{where}: weight has a zero stride (an expanded view); "
-                         "an in-place update would write one element many times")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.shape != weight.shape:
-            got = _shape(residual) if isinstance(residual, torch.Tensor) else type(residual).__name__
-            raise ValueError(f"{where}: residual must have the weight's shape {_shape(weight)}, got {got}")
-        if residual.dtype not in (torch.float32, weight.dtype):
-            raise TypeError(f"{where}: residual dtype must be float32 or the weight's {weight.dtype}, "
-                            f"got {residual.dtype}")
-        if residual.device != weight.device:
-            raise ValueError(f"{where}: residual is on {residual.device} but weight is on {weight.device}")
 
 
 def apply_low_rank_(
@@ -117,9 +80,9 @@ def apply_low_rank_(
     With ``residual`` (from ``make_residual``) the update is compensated and the
     residual updated, so small updates to 16-bit weights do not round away.
     """
-    _validate(weight, left, right, residual)
+    check_update(weight, left, right, residual, "apply_low_rank_")
     alpha = float(alpha)
-    if left.shape[1] == 0 or weight.numel() == 0:
+    if not has_work(weight, left):
         return weight
     if resolve_path(weight, path, residual) == "triton":
         from .triton_path import apply_low_rank_triton_
@@ -156,10 +119,9 @@ def apply_low_rank_grouped_(
         residuals = [None] * n
     elif len(residuals) != n:
         raise ValueError(f"apply_low_rank_grouped_: got {len(residuals)} residuals for {n} weights")
-    if path not in PATHS:
-        raise ValueError(f"apply_low_rank_grouped_: path must be one of {', '.join(PATHS)}, got {path!r}")
+    check_path(path, "apply_low_rank_grouped_")
     for i, (w, l, r, res) in enumerate(zip(weights, lefts, rights, residuals)):
-        _validate(w, l, r, res, where=f"apply_low_rank_grouped_[{i}]")
+        check_update(w, l, r, res, f"apply_low_rank_grouped_[{i}]")
     for w, l, r, a, res in zip(weights, lefts, rights, alphas, residuals):
         apply_low_rank_(w, l, r, a, residual=res, path=path)
     return weights

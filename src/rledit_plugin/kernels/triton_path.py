@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import has_work
 from .torch_path import normalise_layout
 
 _KERNELS: Dict[bool, object] = {}
@@ -217,10 +218,10 @@ def apply_low_rank_triton_(
             "(Triton's interpreter); use path='torch' or move the tensors to CUDA")
     out = weight
     soft = interpreting()
+    if not has_work(weight, left):
+        return out
     weight, left, right, residual = normalise_layout(weight, left, right, residual)
     n_rows, n_cols = weight.shape
-    if n_rows == 0 or n_cols == 0 or left.shape[1] == 0:
-        return out
     mode = dot_mode(left, right, precision)
     if mode == "bf16x3":
         left, right = split_bf16x3(left, right)
