@@ -80,13 +80,9 @@ def test_residual_keeps_the_journal_sum_on_bf16_weights(bf16_pair, world):
     assert tracked["rel_error"] < 1e-4, tracked
 
 
-def test_editor_builds_residuals_in_the_kernel_layout(bf16_pair, request):
+def test_editor_builds_residuals_in_the_kernel_layout(bf16_pair):
+    """Residuals have the (d_out, d_in) layout the kernel applies to (Conv1D weights are transposed)."""
     arch, model, tok = bf16_pair
-    if arch == "gpt2":  # strict: once editor.py is fixed this XPASSes and the marker must go
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="editor.py makes residuals from module.weight (d_in, d_out for Conv1D) but "
-                   "applies them to weight_view(module) (d_out, d_in): fix reported to the lead"))
     editor = RLEditor(model, tok, _hp(arch, "kahan"))
     for name, module in editor.modules.items():
         res = editor._residuals[name]

@@ -95,7 +95,7 @@ class RLEditor:
         self._pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
         self._pristine_norm = norm_state(self.hypernet)
         self._norm_history: List[dict] = []
-        self._residuals = {n: make_residual(m.weight, hparams.accumulate) for n, m in self.modules.items()}
+        self._residuals = {n: make_residual(weight_view(m), hparams.accumulate) for n, m in self.modules.items()}
 
     def _init_whitening(self, texts: Optional[Sequence[str]]) -> None:
         hp = self.hparams
