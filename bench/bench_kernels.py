@@ -7,7 +7,7 @@ For each shape (M x K), weight dtype and rank N, times ``W += alpha * L @ R``:
   copy      plain copy of W into another buffer (read + write: the floor's traffic)
   naive     dense fp32 dW = L @ R, scale, cast, add (what the reference does)
   addmm_    W.addmm_(L, R) with the factors cast to W's dtype (one BLAS call)
-  torch     apply_low_rank_(path="torch"), fp32 factors
+  torch     apply_low_rank_(path="torch"), fp32 factors (on CPU from rank 32: oneDNN tiles)
   torch+res same with an fp32 compensation residual (16-bit weights only)
   triton*   apply_low_rank_(path="triton") variants (CUDA only)
 Achieved bandwidth counts W read once and written once (2 * W bytes) for every
@@ -238,7 +238,7 @@ def accuracy(device, rows, m=1024, k=2048, ranks=(64, 1024)):
         R = torch.randn(rank, k, generator=gen, dtype=torch.float64)
         ref = L @ R
         bound = L.abs() @ R.abs()
-        cases = {"torch (addmm_ fp32)": dict(path="torch")}
+        cases = {"torch path (fp32)": dict(path="torch")}
         if triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
             for prec in ("ieee", "tf32x3", "bf16x3", "tf32"):
                 cases[f"triton {prec}"] = dict(precision=prec)
