@@ -223,3 +223,24 @@ def test_archive_refuses_a_different_shape(random_gpt2, random_llama, tmp_path):
         load_archive(str(tmp_path / "a"), llama)
     with pytest.raises(ArchiveError, match="not an RLEdit archive"):
         load_archive(str(tmp_path), gpt2)
+
+
+def test_capture_head_on_answer_rows_equals_full_logits_path(random_gpt2, world):
+    """The answer-rows-only head and the full-logits fallback (post-processed logits, or an
+    edited head) capture the same keys, gradients and loss."""
+    model, tok = random_gpt2
+    model = copy.deepcopy(model)
+    batch = edit_batch(tok, world.train_records[:4], 48)
+    mods = {n: get_module(model, n) for n in GPT2_MODULES}
+    fast = capture(model, mods, batch, minibatch=3)
+    model.config.logit_scale = 1.0          # forces the full-logits path (value unused by GPT-2)
+    full = capture(model, mods, batch, minibatch=3)
+    del model.config.logit_scale
+    assert abs(fast.loss - full.loss) < 1e-6
+    for n in GPT2_MODULES:
+        torch.testing.assert_close(fast.keys[n], full.keys[n])
+        torch.testing.assert_close(fast.grads[n], full.grads[n], rtol=1e-4, atol=1e-6)   # fp32 summation order
+    with_head = capture(model, {**mods, "lm_head": model.lm_head}, batch, minibatch=3)   # edited head
+    assert with_head.keys["lm_head"].shape[0] == fast.n_rows
+    torch.testing.assert_close(with_head.grads[GPT2_MODULES[0]], fast.grads[GPT2_MODULES[0]],
+                               rtol=1e-4, atol=1e-6)   # fp32 summation order
