@@ -41,7 +41,8 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def run_one(base: str, overrides: dict, world, turns: int, batch: int, split: str, model_name=None):
+def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: str, model_name=None):
+    """Train once (unless n_trajectories=0), then one scored stream per entry of ``turns_list``."""
     hp = RLEditTrainingHyperParams.from_hparams(base)
     if model_name:
         hp.model_name = model_name
@@ -57,23 +58,28 @@ def run_one(base: str, overrides: dict, world, turns: int, batch: int, split: st
                                           progress=False, save=False)
     train_s = time.perf_counter() - start
     records = world.val_records if split == "val" else world.eval_records
-    editor = RLEditor(model, tok, hp.editing(), hypernet=copy.deepcopy(net) if net else None,
-                      keep_journal=False, whitening_texts=record_texts(world.train_records))
-    result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
-                        heldout_texts=world.heldout_corpus[:200], progress=False)
-    row = {"overrides": overrides, "train_seconds": round(train_s, 1),
-           "seconds_per_edit": result["timing"]["seconds_per_edit"],
-           **{k: result["post"].get(k) for k in KEYS},
-           "pre_perplexity": result["pre"].get("perplexity"),
-           "val_history": [h.get("val", {}).get("score") for h in history]}
-    return row
+    rows = []
+    for turns in turns_list:
+        editor = RLEditor(model, tok, hp.editing(), hypernet=copy.deepcopy(net) if net else None,
+                          keep_journal=False, whitening_texts=record_texts(world.train_records))
+        result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
+                            heldout_texts=world.heldout_corpus[:200], progress=False)
+        editor.restore()
+        rows.append({"overrides": overrides, "turns": turns, "batch": batch,
+                     "train_seconds": round(train_s, 1),
+                     "seconds_per_edit": result["timing"]["seconds_per_edit"],
+                     **{k: result["post"].get(k) for k in KEYS},
+                     "pre_perplexity": result["pre"].get("perplexity"),
+                     "val_history": [h.get("val", {}).get("score") for h in history]})
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--base", default="hparams/TRAINING/RLEdit/tiny.yaml")
     ap.add_argument("--config", action="append", required=True)
-    ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--turns", default="20", help="stream length(s), comma-separated: one trained "
+                    "hypernetwork is scored on each")
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--split", choices=("val", "eval"), default="eval")
     ap.add_argument("--threads", type=int, default=0)
@@ -84,19 +90,20 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     world = build_world(WorldConfig(**parse_overrides(args.world)))
+    turns_list = [int(t) for t in str(args.turns).split(",")]
     rows = []
     for text in args.config:
-        row = run_one(args.base, parse_overrides(text), world, args.turns, args.batch, args.split,
-                      args.model)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for row in run_one(args.base, parse_overrides(text), world, turns_list, args.batch, args.split,
+                           args.model):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"turns": args.turns, "batch": args.batch, "rows": rows}, f, indent=2)
-    print("| config | train s | eff | gen | spec_vs_unedited | gen_em | ppl |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+        json.dump({"turns": turns_list, "batch": args.batch, "rows": rows}, f, indent=2)
+    print("| config | edits | train s | eff | gen | spec_vs_unedited | gen_em | ppl |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     for r in rows:
-        print(f"| `{r['overrides']}` | {r['train_seconds']} | {fmt(r['efficacy'])} | {fmt(r['generalization'])} | "
+        print(f"| `{r['overrides']}` | {r['turns'] * r['batch']} | {r['train_seconds']} | {fmt(r['efficacy'])} | {fmt(r['generalization'])} | "
               f"{fmt(r['specificity_vs_unedited'])} | {fmt(r['generation_em'])} | {fmt(r['perplexity'])} |")
 
 
