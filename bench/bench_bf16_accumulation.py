@@ -44,7 +44,7 @@ except ImportError:  # run from a checkout without installing
 from rledit_plugin.core.editor import RLEditor  # noqa: E402
 from rledit_plugin.evaluation.metrics import capture_reference, score_records  # noqa: E402
 from rledit_plugin.hparams import RLEditHyperParams  # noqa: E402
-from rledit_plugin.kernels import make_residual, update_survival  # noqa: E402
+from rledit_plugin.kernels import update_survival  # noqa: E402
 from rledit_plugin.models import load_model_and_tokenizer, weight_view  # noqa: E402
 from rledit_plugin.world import build_world  # noqa: E402
 
@@ -64,23 +64,6 @@ def choose_archive(requested):
     return None, f"none: untrained hypernetwork ({requested} and {FALLBACK_ARCHIVE} do not exist)"
 
 
-def ensure_residual_layout(editor: RLEditor) -> bool:
-    """Work around an editor that builds residuals in ``module.weight``'s layout.
-
-    The kernels take the weight as ``weight_view(module)`` (d_out, d_in); for GPT-2
-    Conv1D that is the transpose of ``module.weight``, so a residual made from
-    ``module.weight`` has the wrong shape and the first compensated update raises.
-    Returns True when a buffer had to be rebuilt (no-op once the editor does this).
-    """
-    rebuilt = False
-    for name, module in editor.modules.items():
-        res = editor._residuals[name]
-        if res is not None and res.shape != weight_view(module).shape:
-            editor._residuals[name] = make_residual(weight_view(module), editor.hparams.accumulate)
-            rebuilt = True
-    return rebuilt
-
-
 def survival_of(start, weight, residual, intended):
     out = {k: v for k, v in update_survival(start, weight, intended).items()}
     if residual is not None:
@@ -95,7 +78,6 @@ def one_run(args, dtype, accumulate, archive, records, ref_intended=None):
     hp = RLEditHyperParams.from_hparams(args.hparams)
     hp.torch_dtype, hp.accumulate, hp.archive = dtype, accumulate, archive
     editor = RLEditor(model, tok, hp, keep_journal=True)
-    rebuilt = ensure_residual_layout(editor)
     names = list(editor.modules)
     start = {n: weight_view(m).detach().double().clone() for n, m in editor.modules.items()}
     stream = records[:args.turns * args.batch]
@@ -146,7 +128,6 @@ def one_run(args, dtype, accumulate, archive, records, ref_intended=None):
             s["intended_vs_fp32_run_rel"] = float((intended - ref_intended[n]).norm() / ref_intended[n].norm())
         modules[n] = s
     row = {"weights": dtype, "accumulate": accumulate, "edits": len(stream),
-           "residual_rebuilt_by_bench": rebuilt,
            "residual_dtype": {n: (None if r is None else str(r.dtype).replace("torch.", ""))
                               for n, r in editor._residuals.items()},
            "modules": modules, "curve": curve,

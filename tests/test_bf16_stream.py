@@ -35,18 +35,8 @@ def bf16_pair(request, random_gpt2, random_llama):
     return request.param, copy.deepcopy(model).to(torch.bfloat16), tok
 
 
-def _residuals_in_kernel_layout(editor):
-    # The kernels speak (d_out, d_in) = weight_view(module); rebuild a buffer made
-    # in module.weight's layout (GPT-2 Conv1D) so the compensated path can run.
-    for name, module in editor.modules.items():
-        res = editor._residuals[name]
-        if res is not None and res.shape != weight_view(module).shape:
-            editor._residuals[name] = make_residual(weight_view(module), editor.hparams.accumulate)
-
-
 def _stream(arch, model, tok, records, accumulate):
     editor = RLEditor(model, tok, _hp(arch, accumulate), keep_journal=True)
-    _residuals_in_kernel_layout(editor)
     name = MODULES[arch][0]
     start = weight_view(editor.modules[name]).detach().double().clone()
     for turn in range(N_TURNS):
