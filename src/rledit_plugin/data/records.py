@@ -87,22 +87,48 @@ def _answer_ids(tok, answer: str) -> List[int]:
     return tok(" " + answer.strip(), add_special_tokens=False)["input_ids"]
 
 
-def split_prompt_answer(tok, prompt: str, answer: str) -> Tuple[List[int], List[int]]:
-    """(prompt ids with special tokens, answer ids) for the text ``prompt + " " + answer``.
+def _batch_ids(tok, texts: List[str]) -> List[List[int]]:
+    """Ids with special tokens for each text: one batched call (every Hugging Face tokenizer
+    takes a list); text by text for a tokenizer that only takes strings."""
+    try:
+        ids = tok(texts, add_special_tokens=True)["input_ids"]
+        if len(ids) == len(texts) and all(isinstance(x, list) for x in ids):
+            return ids
+    except (TypeError, ValueError, AttributeError):
+        pass
+    return [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+
+
+def split_prompt_answers(tok, prompts: Sequence[str],
+                         answers: Sequence[str]) -> List[Tuple[List[int], List[int]]]:
+    """(prompt ids with special tokens, answer ids) for each text ``prompt + " " + answer``.
 
     The answer ids are taken from the tokenisation of the whole text whenever the
     prompt's own ids are a prefix of it: that is the segmentation the model meets
     in running text.  (Tokenising ``" " + answer`` alone is not: SentencePiece-style
     tokenizers such as Llama's turn the leading space into an extra lone "▁" token.)
     Only when a merge crosses the prompt/answer boundary is the answer tokenised
-    separately, which keeps the label boundary exact.
+    separately, which keeps the label boundary exact.  Prompts and full texts are
+    tokenised in two batched calls.
     """
-    prompt, answer = prompt.rstrip(), answer.strip()
-    p = tok(prompt, add_special_tokens=True)["input_ids"]
-    full = tok(prompt + " " + answer, add_special_tokens=True)["input_ids"]
-    if len(full) > len(p) and full[:len(p)] == p:
-        return p, full[len(p):]
-    return p, _answer_ids(tok, answer)
+    prompts = [p.rstrip() for p in prompts]
+    answers = [a.strip() for a in answers]
+    if not prompts:
+        return []
+    p_ids = _batch_ids(tok, prompts)
+    full_ids = _batch_ids(tok, [p + " " + a for p, a in zip(prompts, answers)])
+    out = []
+    for p, full, answer in zip(p_ids, full_ids, answers):
+        if len(full) > len(p) and full[:len(p)] == p:
+            out.append((p, full[len(p):]))
+        else:
+            out.append((p, _answer_ids(tok, answer)))
+    return out
+
+
+def split_prompt_answer(tok, prompt: str, answer: str) -> Tuple[List[int], List[int]]:
+    """One pair of :func:`split_prompt_answers`."""
+    return split_prompt_answers(tok, [prompt], [answer])[0]
 
 
 def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
@@ -125,7 +151,7 @@ def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
     for prompt, answer in zip(prompts, answers):
         if not answer.strip():
             raise ValueError(f"answer {answer!r} is empty or whitespace (prompt {prompt!r})")
-        p, a = split_prompt_answer(tok, prompt, answer)
+    for (prompt, answer), (p, a) in zip(zip(prompts, answers), split_prompt_answers(tok, prompts, answers)):
         if not a:
             raise ValueError(f"answer {answer!r} tokenises to nothing")
         a = a[:max_length - 1]
