@@ -61,6 +61,12 @@ class TinyLMConfig:
     # right (teacher-forced, measured for free on the training batches).
     stop_accuracy: Optional[float] = None
 
+    @classmethod
+    def for_arch(cls, arch: str) -> "TinyLMConfig":
+        """The default for ``arch``: Llama needs twice GPT-2's step (measured on the
+        default world: 97.3 / 97.3 / 98.0% per split at lr 1e-2, ~42% at 5e-3)."""
+        return cls(lr=1e-2) if arch == "llama" else cls()
+
 
 def default_cache_dir() -> str:
     return os.environ.get("RLEDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
@@ -107,7 +113,7 @@ def build_model(tok, arch: str = "gpt2", config: Optional[TinyLMConfig] = None, 
     """A randomly initialised tiny causal LM for ``tok``'s vocabulary."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    cfg = config or TinyLMConfig()
+    cfg = config or TinyLMConfig.for_arch(arch)
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
@@ -243,7 +249,7 @@ def _length_buckets(lines, batch_size: int, gen: torch.Generator) -> List[List[i
 def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLMConfig] = None,
                   progress: bool = True):
     """Pre-train a fresh tiny LM on the world; returns ``(model, stats)``."""
-    cfg = config or TinyLMConfig()
+    cfg = config or TinyLMConfig.for_arch(arch)
     model = build_model(tok, arch, cfg, seed=cfg.seed)
     model.train()
     lines = _encode_corpus(world, tok)
@@ -358,7 +364,7 @@ def load_or_train_tiny_lm(world: Optional[World] = None, arch: str = "gpt2",
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     world = world or build_world()
-    cfg = config or TinyLMConfig()
+    cfg = config or TinyLMConfig.for_arch(arch)
     cache_dir = os.path.abspath(cache_dir or default_cache_dir())
     path = os.path.join(cache_dir, f"tiny-{arch}-{cache_key(world, arch, cfg)}")
     if os.path.isfile(os.path.join(path, "rledit_info.json")):
