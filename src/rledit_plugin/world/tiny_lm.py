@@ -179,22 +179,20 @@ def fact_accuracy(model, tok, records: Sequence[EditRecord], batch_size: int = 2
 # ---------------------------------------------------------------------------- training
 
 @contextlib.contextmanager
-def _threads_for_current_load():
-    """One intra-op thread while the CPU is already saturated by other processes.
+def _one_thread():
+    """Pre-training always runs on one intra-op thread.
 
-    Small matrices on oversubscribed cores make torch's thread pool fight the
-    other processes (measured on the 2-core dev box under a load of ~5: 52 vs
-    1423 lines/s with 2 threads vs 1).  On an idle machine torch's setting stays.
+    The thread count changes float reductions, so a model pre-trained on two threads differs
+    from one pre-trained on one (and so do every number measured on it); choosing by machine
+    load made two runs of the same command disagree.  One thread is also the fast choice
+    whenever the cores are shared: small matrices on oversubscribed cores made torch's pool
+    fight the other processes (2-core dev box, load ~5: 52 vs 1423 lines/s with 2 threads vs 1);
+    on an idle 2-core machine it costs ~35% (126 s on two threads, ~170 s on one).
     """
     before = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except (OSError, AttributeError):   # no load average on this platform
-        busy = False
-    if busy and before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield torch.get_num_threads()
+        yield 1
     finally:
         torch.set_num_threads(before)
 
@@ -276,7 +274,7 @@ def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLM
         return 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
-    with _threads_for_current_load() as threads:
+    with _one_thread() as threads:
         stats = _train_loop(model, lines, cfg, optim, sched, gen, total_steps,
                             f"pre-training tiny {arch} ({threads} thread{'s' * (threads > 1)})",
                             progress)
@@ -393,7 +391,10 @@ def load_or_train_tiny_lm(world: Optional[World] = None, arch: str = "gpt2",
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    model.config._name_or_path = path
+    # Hand back what a later run will load, not the in-memory objects: a freshly built model and
+    # tokenizer differ from the reloaded ones in details that change results (the first and the
+    # second `rledit demo` on a machine gave different numbers before this).
+    model, tok, _ = _load(path)
     return model, tok, dict(info, path=path, cached=False)
 
 
