@@ -227,13 +227,28 @@ def test_cache_is_written_atomically_and_keyed(tmp_path, monkeypatch):
             load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False, config=cfg)
     assert os.listdir(tmp_path) == []
 
-    model, tok, info = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
-                                             config=cfg)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, tok, info = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
+                                                 config=cfg)
+        assert torch.get_num_threads() == 2      # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    assert info["threads"] == 1                  # whatever the caller or the load: deterministic
     assert not info["cached"] and os.listdir(tmp_path) == [os.path.basename(info["path"])]
     assert set(info["accuracy"]) == set(SPLITS) and info["params"] > 0
-    again, _, info2 = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
-                                            config=cfg)
+    again, tok2, info2 = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
+                                               config=cfg)
     assert info2["cached"] and info2["accuracy"] == info["accuracy"]
+    # The first (training) call returns exactly what later calls load.
+    batch = tokenize_teacher_forced(tok, [world.eval_records[0].prompt], ["Paris"])
+    assert batch["input_ids"].tolist() == tokenize_teacher_forced(
+        tok2, [world.eval_records[0].prompt], ["Paris"])["input_ids"].tolist()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
+    assert not model.training and type(model) is type(again)
     # a different model config or world is a different entry
     _, _, info3 = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
                                         config=TinyLMConfig(d_model=16, n_layer=1, n_head=2,
