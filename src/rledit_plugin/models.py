@@ -92,7 +92,53 @@ def default_edit_modules(model: nn.Module, n_layers: int | None = None) -> List[
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the input embedding's device (right for device-mapped models too)."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    if get_emb is not None:
+        try:
+            emb = get_emb()
+            if emb is not None and getattr(emb, "weight", None) is not None:
+                return emb.weight.device
+        except (NotImplementedError, AttributeError):
+            pass
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def output_logits(output) -> torch.Tensor:
+    """Logits from a model's output (a Hugging Face output, a tuple or a bare tensor)."""
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+# config attributes of families whose logits are post-processed after the output head
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                         "lm_head_multiplier")
+
+
+def answer_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  rows: torch.Tensor, edited: Sequence[nn.Module] = ()) -> torch.Tensor:
+    """Logits ``(rows.sum(), vocab)`` at the positions where the bool mask ``rows`` is set.
+
+    The output head runs on those rows only: an edit or scoring batch has a few answer
+    tokens among many prompt tokens, and the vocabulary projection is a large share of a
+    small model's forward.  Models without a separable head, with post-processed logits,
+    or whose head is among the ``edited`` modules (its hooks expect full activations) run
+    the plain forward and are indexed afterwards; both give the same numbers.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    base = getattr(model, "base_model", model)
+    config = getattr(model, "config", None)
+    if (head is not None and base is not model and not any(m is head for m in edited)
+            and all(getattr(config, a, None) is None for a in _LOGIT_POSTPROCESSING)):
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        return head(hidden[rows])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return output_logits(out)[rows]
 
 
 def resolve_device(device) -> torch.device:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.records import IGNORE_INDEX, answer_positions
+from ..models import answer_logits
 
 
 @dataclass
@@ -73,29 +74,6 @@ def _split(batch: Mapping[str, torch.Tensor], size: int) -> List[Dict[str, torch
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
-def _answer_logits(model: nn.Module, mb: Mapping[str, torch.Tensor], mask: torch.Tensor,
-                   modules: Mapping[str, nn.Module]):
-    """Logits at the answer-predicting positions (rows) and their target tokens.
-
-    The output head runs on those rows only (an edit batch has a few answer tokens among
-    many prompt tokens, and the vocabulary projection is a large share of a small model's
-    forward); models whose logits are post-processed, or whose head is itself edited, take
-    the plain full-logits path."""
-    labels = mb["labels"][:, 1:]
-    targets = labels[labels != IGNORE_INDEX]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    plain_head = (head is not None and getattr(model, "base_model", model) is not model
-                  and not any(m is head for m in modules.values())
-                  and getattr(config, "final_logit_softcapping", None) is None
-                  and getattr(config, "logit_scale", None) is None)
-    if plain_head:
-        hidden = model.base_model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])[0]
-        return head(hidden[mask]), targets
-    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-    return logits[mask], targets
-
-
 def capture(model: nn.Module, modules: Mapping[str, nn.Module],
             batch: Mapping[str, torch.Tensor], minibatch: int = 20) -> Capture:
     """Keys and value-gradients of ``modules`` at the answer positions of ``batch``."""
@@ -119,10 +97,12 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
                     return out
                 handles.append(module.register_forward_hook(hook))
             try:
-                logits, targets = _answer_logits(model, mb, mask, modules)
+                logits = answer_logits(model, mb["input_ids"], mb["attention_mask"], mask,
+                                       edited=list(modules.values()))
             finally:
                 for h in handles:
                     h.remove()
+            targets = mb["labels"][:, 1:][mb["labels"][:, 1:] != IGNORE_INDEX]
             loss = F.cross_entropy(at_least_fp32(logits), targets, reduction="sum") / n_answer
             names = list(outputs)
             out_grads = torch.autograd.grad(loss, [outputs[n] for n in names])

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.records import EditRecord, IGNORE_INDEX, locality_batch, paraphrase_batch
+from ..data.records import EditRecord, IGNORE_INDEX, answer_positions, locality_batch, paraphrase_batch
 from ..hparams import RLEditTrainingHyperParams
-from ..models import is_conv1d, model_device
-from .capture import at_least_fp32, answer_token_loss, eval_mode, frozen_parameters
+from ..models import answer_logits, is_conv1d, model_device
+from .capture import at_least_fp32, eval_mode, frozen_parameters
 from .editor import RLEditor, Update, load_norm_state, norm_state
 from .hypernet import HyperNetwork
 from .solve import l2_term_kg, project_weight_grad, ridge_dual_backward
@@ -61,11 +61,15 @@ def _n_answer(batch: Dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def _answer_logprobs(model, mb) -> torch.Tensor:
-    """Log-probabilities (rows = answer positions, cols = vocab) for the KL term."""
-    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-    mask = mb["labels"][:, 1:] != IGNORE_INDEX
-    return F.log_softmax(at_least_fp32(logits[:, :-1][mask]), dim=-1)
+def _answer_rows(model, mb, edited) -> torch.Tensor:
+    """Logits at the answer-predicting positions (rows = answer tokens, in label order)."""
+    return at_least_fp32(answer_logits(model, mb["input_ids"], mb["attention_mask"],
+                                       answer_positions(mb["labels"]), edited))
+
+
+def _answer_targets(mb) -> torch.Tensor:
+    labels = mb["labels"][:, 1:]
+    return labels[labels != IGNORE_INDEX]
 
 
 class SequenceTrainer:
@@ -112,16 +116,17 @@ class SequenceTrainer:
 
     def _reference_logprobs(self, window) -> List[Optional[List[torch.Tensor]]]:
         """p_{W_{t-1}} on the window's locality prompts, before dW_t is applied."""
-        out = []
+        out, edited = [], list(self.editor.modules.values())
         with torch.no_grad(), eval_mode(self.model):
             for _, lb in window:
                 out.append(None if lb.loc is None else
-                           [_answer_logprobs(self.model, mb) for mb in _chunks(lb.loc, self.hp.loss_minibatch)])
+                           [F.log_softmax(_answer_rows(self.model, mb, edited), dim=-1)
+                            for mb in _chunks(lb.loc, self.hp.loss_minibatch)])
         return out
 
     def _edited_loss_backward(self, window, ref) -> Dict[str, float]:
         """Generalisation + locality losses at W_{t-1} + dW_t; grads land on the edited weights."""
-        hp, model = self.hp, self.model
+        hp, model, edited = self.hp, self.model, list(self.editor.modules.values())
         stats = {"gen": 0.0, "loc": 0.0}
         with eval_mode(model), frozen_parameters(model):
             for m in self.editor.modules.values():
@@ -130,14 +135,15 @@ class SequenceTrainer:
                 if lb.para is not None:
                     n = _n_answer(lb.para)
                     for mb in _chunks(lb.para, hp.loss_minibatch):
-                        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-                        loss = w * answer_token_loss(logits, mb["labels"], "sum") / n
+                        ce = F.cross_entropy(_answer_rows(model, mb, edited), _answer_targets(mb),
+                                             reduction="sum")
+                        loss = w * ce / n
                         loss.backward()
                         stats["gen"] += float(loss.detach())
                 if lb.loc is not None and hp.loc_coef > 0:
                     n = _n_answer(lb.loc)
                     for mb, p_old in zip(_chunks(lb.loc, hp.loss_minibatch), ref_lb):
-                        logq = _answer_logprobs(model, mb)
+                        logq = F.log_softmax(_answer_rows(model, mb, edited), dim=-1)
                         kl = F.kl_div(logq, p_old, log_target=True, reduction="sum")
                         loss = w * hp.loc_coef * kl / n
                         loss.backward()

@@ -22,7 +22,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..data.records import IGNORE_INDEX, EditRecord, split_prompt_answer, tokenize_teacher_forced
+from ..data.records import (IGNORE_INDEX, EditRecord, answer_positions, split_prompt_answer,
+                            tokenize_teacher_forced)
+from ..models import answer_logits, model_device, output_logits
 
 FRACTION_METRICS = ("efficacy", "generalization", "specificity", "specificity_vs_unedited",
                     "generation_em")
@@ -44,31 +46,9 @@ def _scoring(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the input embedding's device (right for device-mapped models too)."""
-    get_emb = getattr(model, "get_input_embeddings", None)
-    if get_emb is not None:
-        try:
-            emb = get_emb()
-            if emb is not None and getattr(emb, "weight", None) is not None:
-                return emb.weight.device
-        except (NotImplementedError, AttributeError):
-            pass
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _logits(output) -> torch.Tensor:
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
-
-
 def _forward_logits(model: nn.Module, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:
-    return _logits(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
+    return output_logits(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
 
 
 def _batches_by_length(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
@@ -108,10 +88,10 @@ def answer_stats(model: nn.Module, tok, prompts: Sequence[str], answers: Sequenc
         for idx in _batches_by_length(lengths, batch_size):
             batch = tokenize_teacher_forced(tok, [prompts[i] for i in idx],
                                             [answers[i] for i in idx], max_length, device)
-            logits = _forward_logits(model, batch["input_ids"], batch["attention_mask"])
             targets = batch["labels"][:, 1:]          # position j predicts token j + 1
             mask = targets != IGNORE_INDEX
-            picked = logits[:, :-1][mask].float()     # (answer tokens in the batch, vocab)
+            picked = answer_logits(model, batch["input_ids"], batch["attention_mask"],
+                                   answer_positions(batch["labels"])).float()   # (answer tokens, vocab)
             gold = targets[mask]
             logp = picked.log_softmax(-1).gather(1, gold[:, None]).squeeze(1)
             pred = picked.argmax(-1)
