@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.records import EditRecord
+from ..data.records import EditRecord, batch_ids, pad_right
 
 
 def record_texts(records: Iterable[EditRecord]) -> list:
@@ -62,16 +62,11 @@ def key_second_moments(model: nn.Module, tok, modules: Mapping[str, nn.Module],
     model.eval()
     try:
         for i in tqdm(range(0, len(texts), batch_size), desc="key statistics", disable=not progress):
-            ids = [tok(t)["input_ids"][:max_length] for t in texts[i:i + batch_size]]
-            width = max(len(x) for x in ids)
-            input_ids = torch.zeros(len(ids), width, dtype=torch.long)   # right padding, masked out
-            mask = torch.zeros(len(ids), width, dtype=torch.bool)
-            for row, x in enumerate(ids):
-                input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
-                mask[row, :len(x)] = True
-            mask_now["mask"] = mask.to(device)
+            ids = [x[:max_length] for x in batch_ids(tok, list(texts[i:i + batch_size]))]
+            input_ids, mask = pad_right(ids, 0)            # padding is masked out of the sums
+            mask_now["mask"] = mask.bool().to(device)
             count += int(mask.sum())
-            model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device))
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
     finally:
         for h in handles:
             h.remove()

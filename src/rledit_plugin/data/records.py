@@ -87,7 +87,7 @@ def _answer_ids(tok, answer: str) -> List[int]:
     return tok(" " + answer.strip(), add_special_tokens=False)["input_ids"]
 
 
-def _batch_ids(tok, texts: List[str]) -> List[List[int]]:
+def batch_ids(tok, texts: List[str]) -> List[List[int]]:
     """Ids with special tokens for each text: one batched call (every Hugging Face tokenizer
     takes a list); text by text for a tokenizer that only takes strings."""
     try:
@@ -115,8 +115,8 @@ def split_prompt_answers(tok, prompts: Sequence[str],
     answers = [a.strip() for a in answers]
     if not prompts:
         return []
-    p_ids = _batch_ids(tok, prompts)
-    full_ids = _batch_ids(tok, [p + " " + a for p, a in zip(prompts, answers)])
+    p_ids = batch_ids(tok, prompts)
+    full_ids = batch_ids(tok, [p + " " + a for p, a in zip(prompts, answers)])
     out = []
     for p, full, answer in zip(p_ids, full_ids, answers):
         if len(full) > len(p) and full[:len(p)] == p:
@@ -163,18 +163,23 @@ def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
             p = head + p[len(p) - (room - len(head)):]
         rows.append(p + a)
         labels.append([IGNORE_INDEX] * len(p) + a)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        input_ids[i, :len(r)] = torch.tensor(r)
-        attention[i, :len(r)] = 1
-        label_t[i, :len(l)] = torch.tensor(l)
+    input_ids, attention = pad_right(rows, pad_id)
+    label_t, _ = pad_right(labels, IGNORE_INDEX)
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": label_t}
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch
+
+
+def pad_right(rows: Sequence[Sequence[int]], value: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` right-padded with ``value`` into one long tensor, and its attention mask (long)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return out, mask
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:

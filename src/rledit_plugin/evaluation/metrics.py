@@ -22,8 +22,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..data.records import (IGNORE_INDEX, EditRecord, answer_positions, split_prompt_answer,
-                            tokenize_teacher_forced)
+from ..data.records import (IGNORE_INDEX, EditRecord, answer_positions, pad_right,
+                            split_prompt_answer, tokenize_teacher_forced)
 from ..models import answer_logits, model_device, output_logits
 
 FRACTION_METRICS = ("efficacy", "generalization", "specificity", "specificity_vs_unedited",
@@ -282,12 +282,7 @@ def perplexity(model: nn.Module, tok, texts: Sequence[str], batch_size: int = 16
     total_nll, total_tokens = 0.0, 0
     with _scoring(model):
         for idx in _batches_by_length([len(e) for e in encoded], batch_size):
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
-                attention[row, :len(encoded[i])] = 1
+            ids, attention = pad_right([encoded[i] for i in idx], pad_id)
             ids, attention = ids.to(device), attention.to(device)
             logits = _forward_logits(model, ids, attention)
             mask = attention[:, 1:].bool()
