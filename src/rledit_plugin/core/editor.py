@@ -128,10 +128,12 @@ class RLEditor:
                     self.hypernet.update_norm(name, k, g)
                 d = self.hypernet.values(name, k, g)
                 s = self.hypernet.whitening(name)
-                k_solve = k if s is None else k @ s.to(k.dtype)
+                if s is not None:
+                    s = s.to(k.dtype)
+                k_solve = k if s is None else k @ s                 # whitened keys K S
                 coeffs[name], factors[name] = ridge_dual(k_solve, d, self.hypernet.lam(name),
                                                          return_factor=True)
-                keys[name] = k if s is None else k_solve @ s.to(k.dtype)
+                keys[name] = k if s is None else k_solve @ s        # right factor K S^2
                 values[name] = d
         return Update(keys, coeffs, cap, values, factors)
 
