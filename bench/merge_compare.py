@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from rledit_plugin.compare import write_comparison
+from rledit_plugin.compare_report import write_comparison
 
 SAME = ("model", "turns", "batch", "data")
 

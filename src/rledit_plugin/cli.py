@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=cmd_demo)
 
-    from .compare import add_compare_parser
+    from .compare_cli import add_compare_parser
     from .export import add_export_parser
     add_compare_parser(sub)
     add_export_parser(sub)
