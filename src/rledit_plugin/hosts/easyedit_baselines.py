@@ -4,15 +4,12 @@ Used by :mod:`rledit_plugin.compare`; builds on :mod:`.easyedit` (import shim,
 CPU shim).  Everything here runs offline:
 
 - **MEMIT / ROME statistics** are computed from local text and written where
-  EasyEdit's ``layer_stats`` looks,
-  ``{stats_dir}/{model_name}/{ds_name}_stats/{layer}_{dtype}_mom2_{n}.npz``
-  (``model_name`` = ``model.config._name_or_path`` with ``/`` -> ``_``, always set
-  here, so nothing lands outside ``stats_dir``).  While a baseline edits,
-  ``layer_stats``' ``load_dataset`` is replaced by a function that refuses, so a
-  missing file is an error and never a hub download.
+  EasyEdit's ``layer_stats`` looks (:mod:`.easyedit_memit_stats`); while a
+  baseline edits, ``layer_stats`` cannot download, so a missing file is an
+  error and never a hub download.
 - **MEND** is trained with EasyEdit's own ``EditTrainer`` on local ZsRE-format
-  files; its archives pickle the model config, so they are loaded with that one
-  class allow-listed for torch's ``weights_only`` loader.
+  files (:mod:`.easyedit_mend`); its archives pickle the model config, so they
+  are loaded with that one class allow-listed for torch's ``weights_only`` loader.
 - **Editing** goes through EasyEdit's apply functions (``apply_memit_to_model``,
   ...), called the way ``BaseEditor`` calls them, with ``keep_original_weight=
   False``, so edits accumulate.  ROME edits one request per call (its apply
@@ -32,6 +29,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .easyedit import cpu_shim, host_flavour, import_easyeditor
+from .easyedit_memit_stats import clear_stat_caches, model_label, offline_stats
+from .easyedit_memit_stats import write_stats  # noqa: F401  (re-exported: its old home)
 
 BASELINES = ("MEMIT", "MEND", "FT", "ROME", "LoRA")
 # module holding <ALG>HyperParams, and the class name
@@ -75,7 +74,7 @@ def on_this_device() -> Iterator[None]:
         yield
 
 
-def _device_for_host(device):
+def device_for_host(device):
     """EasyEdit's ``device``: an index for the release (the shim redirects it), ``cpu`` for HEAD."""
     import torch
     if torch.cuda.is_available() or host_flavour() == "release":
@@ -97,21 +96,6 @@ def load_hparams(alg: str, path: str):
         raise ValueError(f"{path}: does not fit {cls_name} of the installed EasyEdit: {e}") from None
 
 
-def model_label(model) -> str:
-    """The name EasyEdit derives paths from: ``config._name_or_path``, set if empty.
-
-    EasyEdit string-matches the family (``gpt2`` / ``llama``) in it, and MEMIT's
-    statistics path starts with it; an empty one would put the file at the root.
-    """
-    name = getattr(model.config, "_name_or_path", "") or ""
-    family = getattr(model.config, "model_type", "model")
-    base = os.path.basename(name.rstrip("/")) or f"in-memory-{family}"
-    if family.replace("_", "") not in base.lower().replace("-", "").replace("_", ""):
-        base = f"{base}-{family}"
-    model.config._name_or_path = base
-    return base
-
-
 def plain_inputs(tok) -> None:
     """Only ``input_ids`` and ``attention_mask`` from ``tok(...)``, like GPT-2's own tokenizer.
 
@@ -122,76 +106,6 @@ def plain_inputs(tok) -> None:
     names = list(getattr(tok, "model_input_names", []) or [])
     if "token_type_ids" in names:
         tok.model_input_names = [n for n in names if n != "token_type_ids"]
-
-
-# --------------------------------------------------------------------------- MEMIT/ROME statistics
-
-def stats_path(stats_dir: str, model_name: str, ds_name: str, layer_name: str, dtype: str,
-               n_samples: Optional[int]) -> Path:
-    """Where EasyEdit's ``layer_stats`` looks for the second moment of ``layer_name``'s input."""
-    suffix = "" if n_samples is None else f"_{n_samples}"
-    return (Path(stats_dir) / model_name.replace("/", "_") / f"{ds_name}_stats"
-            / f"{layer_name}_{dtype}_mom2{suffix}.npz")
-
-
-def second_moment(model, tok, layer_name: str, texts: Sequence[str], dtype: str = "float32",
-                  max_length: Optional[int] = None, batch_size: int = 64):
-    """``(sum of k k^T, token count)`` over every non-padding token's input to ``layer_name``."""
-    import torch
-    from ..models import get_module, model_device
-
-    module = get_module(model, layer_name)
-    max_length = max_length or getattr(model.config, "n_positions", None) or \
-        getattr(model.config, "max_position_embeddings", 512)
-    total, count, captured = None, 0, {}
-    handle = module.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
-    side, tok.padding_side = tok.padding_side, "right"
-    try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                enc = tok(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_length).to(model_device(model))
-                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-                feats = captured["x"][enc["attention_mask"].bool()].to(getattr(torch, dtype))
-                total = feats.t() @ feats if total is None else total + feats.t() @ feats
-                count += feats.shape[0]
-    finally:
-        handle.remove()
-        tok.padding_side = side
-    return total, count
-
-
-def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = False) -> List[Path]:
-    """Write MEMIT/ROME's statistics for every edited layer from ``texts``; returns the files.
-
-    ``hparams.mom2_n_samples`` texts are used (all when fewer); the file stores
-    that number as ``sample_size`` because EasyEdit checks it against the YAML.
-    The sums are EasyEdit's ``SecondMoment`` state, saved by its own
-    ``save_cached_state`` (keys ``mom2.constructor``, ``mom2.count``,
-    ``mom2.mom2``, ``sample_size``).
-    """
-    ensure_easyedit()
-    rs = importlib.import_module("easyeditor.util.runningstats")
-    if not texts:
-        raise ValueError("MEMIT/ROME statistics need local text; none was given")
-    name = model_label(model)
-    n = hparams.mom2_n_samples
-    written = []
-    for layer in hparams.layers:
-        layer_name = hparams.rewrite_module_tmp.format(layer)
-        path = stats_path(hparams.stats_dir, name, hparams.mom2_dataset, layer_name,
-                          hparams.mom2_dtype, n)
-        if path.exists() and not overwrite:
-            written.append(path)
-            continue
-        total, count = second_moment(model, tok, layer_name, list(texts)[:n], hparams.mom2_dtype)
-        stat = rs.CombinedStat(mom2=rs.SecondMoment())
-        stat.mom2.mom2, stat.mom2.count = total.cpu(), count
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rs.save_cached_state(str(path), stat, {"sample_size": n})
-        written.append(path)
-    _clear_stat_caches()
-    return written
 
 
 @contextlib.contextmanager
@@ -216,43 +130,8 @@ def quiet(log: Optional[str] = None) -> Iterator[None]:
         sink.close()
 
 
-def _clear_stat_caches() -> None:
-    """EasyEdit caches covariances per (model name, layer) and the context templates per
-    process; a new model under the same name must not reuse them."""
-    for module, attr in (("easyeditor.models.memit.memit_main", "COV_CACHE"),
-                         ("easyeditor.models.memit.memit_main", "CONTEXT_TEMPLATES_CACHE"),
-                         ("easyeditor.models.rome.compute_u", "inv_mom2_cache"),
-                         ("easyeditor.models.rome.rome_main", "CONTEXT_TEMPLATES_CACHE")):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:                 # another EasyEdit layout: nothing cached there
-            continue
-        value = getattr(mod, attr, None)
-        if isinstance(value, dict):
-            value.clear()
-        elif value is not None:
-            setattr(mod, attr, None)
-
-
-def _refuse_download(*args, **kwargs):
-    raise RuntimeError("EasyEdit asked for a hub dataset (layer_stats.load_dataset): the MEMIT/ROME "
-                       "statistics file is missing; rledit writes it from local text first "
-                       "(hosts.easyedit_baselines.write_stats) and never downloads")
-
-
-@contextlib.contextmanager
-def offline_stats() -> Iterator[None]:
-    """``layer_stats`` cannot download while this is active."""
-    module = importlib.import_module("easyeditor.models.rome.layer_stats")
-    saved = module.load_dataset
-    module.load_dataset = _refuse_download
-    try:
-        yield
-    finally:
-        module.load_dataset = saved
-
-
 # --------------------------------------------------------------------------- MEND archives
+# (training them: .easyedit_mend)
 
 @contextlib.contextmanager
 def mend_archive_loading(model) -> Iterator[None]:
@@ -265,96 +144,6 @@ def mend_archive_loading(model) -> Iterator[None]:
         return
     with safe([type(model.config)]):
         yield
-
-
-_MEND_ARCHITECTURE = ("inner_params", "rank", "n_hidden", "hidden_dim", "init", "norm", "combine",
-                      "x_only", "delta_only", "act", "mlp_class", "shared", "one_sided")
-
-
-def check_mend_architecture(hparams, training_yaml: str) -> None:
-    """The editing YAML must describe the network the training YAML built (else the archive
-    loads into the wrong shapes)."""
-    import yaml
-    with open(training_yaml, encoding="utf-8") as fh:
-        trained = yaml.safe_load(fh)
-    differ = [k for k in _MEND_ARCHITECTURE if k in trained and trained[k] != getattr(hparams, k, None)]
-    if differ:
-        raise ValueError(f"MEND editing hparams differ from {training_yaml} in {', '.join(differ)}: "
-                         "the archive would not fit")
-
-
-def _single_fields(records) -> list:
-    import dataclasses
-    out = []
-    for r in records:
-        if not r.paraphrases or not r.locality_prompts:
-            raise ValueError(f"MEND training needs a paraphrase and a locality prompt in every "
-                             f"record; record {r.uid} lacks one")
-        out.append(dataclasses.replace(r, paraphrases=r.paraphrases[:1],
-                                       locality_prompts=r.locality_prompts[:1],
-                                       locality_answers=r.locality_answers[:1]))
-    return out
-
-
-def train_mend(model_dir: str, training_yaml: str, train_records, val_records, work_dir: str, *,
-               overrides: Optional[Dict[str, Any]] = None, log: Optional[str] = None) -> Dict[str, Any]:
-    """Train MEND's hypernetwork with EasyEdit's ``EditTrainer`` on local records.
-
-    ``model_dir``: a ``save_pretrained`` directory (the trainer loads the model
-    itself); ``training_yaml``: EasyEdit's ``MENDTrainingHparams`` fields;
-    ``overrides``: fields to replace (e.g. ``max_iters``).  The records are
-    written as ZsRE files under ``work_dir`` and read by EasyEdit's
-    ``ZsreDataset``.  Returns ``{"archive", "seconds", "results"}``, ``results``
-    being the trainer's final validation (its ``results.json``).
-    """
-    import json
-
-    from ..data.formats import write_zsre
-    easyeditor = ensure_easyedit()
-    work = Path(work_dir).resolve()      # the trainer runs with work as its cwd
-    work.mkdir(parents=True, exist_ok=True)
-    hp = easyeditor.MENDTrainingHparams.from_hparams(str(training_yaml))
-    for key, value in (overrides or {}).items():
-        if not hasattr(hp, key):
-            raise ValueError(f"MEND training has no field {key!r}")
-        setattr(hp, key, value)
-    hp.model_name = hp.tokenizer_name = str(model_dir)
-    hp.results_dir = str(work)
-    hp.device = _device_for_host(hp.device)
-    # The release runs round(max_iters / (len(train) / batch_size)) epochs: with fewer
-    # iterations than half an epoch that is 0 and nothing trains.  Records past
-    # max_iters batches are never seen anyway, so keep only those.
-    train_records = list(train_records)[:max(1, hp.max_iters) * hp.batch_size]
-    # EasyEdit's ZsreDataset reads one string per field (rephrase, loc): keep the first
-    train_records, val_records = _single_fields(train_records), _single_fields(val_records)
-    train_file, val_file = write_zsre(train_records, work / "zsre_train.json"), \
-        write_zsre(val_records, work / "zsre_val.json")
-    train_set = easyeditor.ZsreDataset(str(train_file), config=hp)
-    val_set = easyeditor.ZsreDataset(str(val_file), config=hp)
-    for ds in (train_set, val_set):       # MEND aligns labels from the right
-        plain_inputs(ds.tok)
-        ds.tok.padding_side = "left"
-        if ds.tok.pad_token_id is None:
-            ds.tok.pad_token = ds.tok.eos_token
-    start = time.perf_counter()
-    cwd = os.getcwd()
-    try:
-        os.chdir(work)                    # the trainer writes ./logs and friends
-        with quiet(log), on_this_device():
-            trainer = easyeditor.EditTrainer(config=hp, train_set=train_set, val_set=val_set)
-            with mend_archive_loading(trainer.model.model):
-                trainer.run()
-    finally:
-        os.chdir(cwd)
-    archive = Path(trainer.save_path)
-    if not archive.is_file():
-        raise RuntimeError(f"MEND training wrote no archive at {archive} (the trainer saves at "
-                           f"each val_interval={hp.val_interval}; max_iters={hp.max_iters})")
-    results_file = work / "results.json"
-    results = json.loads(results_file.read_text())["results"] if results_file.is_file() else None
-    return {"archive": str(archive), "seconds": time.perf_counter() - start, "results": results,
-            "max_iters": hp.max_iters}
-
 
 # --------------------------------------------------------------------------- LoRA on new peft
 
@@ -411,7 +200,7 @@ class EasyEditBaseline:
         self.tok.padding_side = _PADDING_SIDE[self.alg]
         label = model_label(model)
         hparams.model_name = label              # EasyEdit string-matches the family in it
-        hparams.device = _device_for_host(hparams.device)
+        hparams.device = device_for_host(hparams.device)
         self.requests_per_call = 1 if self.alg == "ROME" else None
         if self.alg == "MEND":
             mend_main = importlib.import_module("easyeditor.models.mend.mend_main")
@@ -420,7 +209,7 @@ class EasyEditBaseline:
         else:
             self._apply = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT[self.alg]
         if self.alg in _USES_STATS:
-            _clear_stat_caches()
+            clear_stat_caches()
         self.n_calls = 0
 
     @property

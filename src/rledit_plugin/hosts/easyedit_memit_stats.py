@@ -1,0 +1,138 @@
+"""Offline MEMIT / ROME statistics for the EasyEdit baselines.
+
+The second moment of each edited layer's input is computed from local text and
+written where EasyEdit's ``layer_stats`` looks,
+``{stats_dir}/{model_name}/{ds_name}_stats/{layer}_{dtype}_mom2_{n}.npz``
+(``model_name`` = :func:`model_label`, always set here, so nothing lands outside
+``stats_dir``).  While a baseline edits, :func:`offline_stats` replaces
+``layer_stats``' ``load_dataset`` by a function that refuses, so a missing file
+is an error and never a hub download.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+from .easyedit import import_easyeditor
+
+
+def model_label(model) -> str:
+    """The name EasyEdit derives paths from: ``config._name_or_path``, set if empty.
+
+    EasyEdit string-matches the family (``gpt2`` / ``llama``) in it, and MEMIT's
+    statistics path starts with it; an empty one would put the file at the root.
+    """
+    name = getattr(model.config, "_name_or_path", "") or ""
+    family = getattr(model.config, "model_type", "model")
+    base = os.path.basename(name.rstrip("/")) or f"in-memory-{family}"
+    if family.replace("_", "") not in base.lower().replace("-", "").replace("_", ""):
+        base = f"{base}-{family}"
+    model.config._name_or_path = base
+    return base
+
+
+def stats_path(stats_dir: str, model_name: str, ds_name: str, layer_name: str, dtype: str,
+               n_samples: Optional[int]) -> Path:
+    """Where EasyEdit's ``layer_stats`` looks for the second moment of ``layer_name``'s input."""
+    suffix = "" if n_samples is None else f"_{n_samples}"
+    return (Path(stats_dir) / model_name.replace("/", "_") / f"{ds_name}_stats"
+            / f"{layer_name}_{dtype}_mom2{suffix}.npz")
+
+
+def second_moment(model, tok, layer_name: str, texts: Sequence[str], dtype: str = "float32",
+                  max_length: Optional[int] = None, batch_size: int = 64):
+    """``(sum of k k^T, token count)`` over every non-padding token's input to ``layer_name``."""
+    import torch
+    from ..models import get_module, model_device
+
+    module = get_module(model, layer_name)
+    max_length = max_length or getattr(model.config, "n_positions", None) or \
+        getattr(model.config, "max_position_embeddings", 512)
+    total, count, captured = None, 0, {}
+    handle = module.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                enc = tok(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                          truncation=True, max_length=max_length).to(model_device(model))
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                feats = captured["x"][enc["attention_mask"].bool()].to(getattr(torch, dtype))
+                total = feats.t() @ feats if total is None else total + feats.t() @ feats
+                count += feats.shape[0]
+    finally:
+        handle.remove()
+        tok.padding_side = side
+    return total, count
+
+
+def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = False) -> List[Path]:
+    """Write MEMIT/ROME's statistics for every edited layer from ``texts``; returns the files.
+
+    ``hparams.mom2_n_samples`` texts are used (all when fewer); the file stores
+    that number as ``sample_size`` because EasyEdit checks it against the YAML.
+    The sums are EasyEdit's ``SecondMoment`` state, saved by its own
+    ``save_cached_state`` (keys ``mom2.constructor``, ``mom2.count``,
+    ``mom2.mom2``, ``sample_size``).
+    """
+    import_easyeditor()
+    rs = importlib.import_module("easyeditor.util.runningstats")
+    if not texts:
+        raise ValueError("MEMIT/ROME statistics need local text; none was given")
+    name = model_label(model)
+    n = hparams.mom2_n_samples
+    written = []
+    for layer in hparams.layers:
+        layer_name = hparams.rewrite_module_tmp.format(layer)
+        path = stats_path(hparams.stats_dir, name, hparams.mom2_dataset, layer_name,
+                          hparams.mom2_dtype, n)
+        if path.exists() and not overwrite:
+            written.append(path)
+            continue
+        total, count = second_moment(model, tok, layer_name, list(texts)[:n], hparams.mom2_dtype)
+        stat = rs.CombinedStat(mom2=rs.SecondMoment())
+        stat.mom2.mom2, stat.mom2.count = total.cpu(), count
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rs.save_cached_state(str(path), stat, {"sample_size": n})
+        written.append(path)
+    clear_stat_caches()
+    return written
+
+
+def clear_stat_caches() -> None:
+    """EasyEdit caches covariances per (model name, layer) and the context templates per
+    process; a new model under the same name must not reuse them."""
+    for module, attr in (("easyeditor.models.memit.memit_main", "COV_CACHE"),
+                         ("easyeditor.models.memit.memit_main", "CONTEXT_TEMPLATES_CACHE"),
+                         ("easyeditor.models.rome.compute_u", "inv_mom2_cache"),
+                         ("easyeditor.models.rome.rome_main", "CONTEXT_TEMPLATES_CACHE")):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:                 # another EasyEdit layout: nothing cached there
+            continue
+        value = getattr(mod, attr, None)
+        if isinstance(value, dict):
+            value.clear()
+        elif value is not None:
+            setattr(mod, attr, None)
+
+
+def _refuse_download(*args, **kwargs):
+    raise RuntimeError("EasyEdit asked for a hub dataset (layer_stats.load_dataset): the MEMIT/ROME "
+                       "statistics file is missing; rledit writes it from local text first "
+                       "(hosts.easyedit_baselines.write_stats) and never downloads")
+
+
+@contextlib.contextmanager
+def offline_stats() -> Iterator[None]:
+    """``layer_stats`` cannot download while this is active."""
+    module = importlib.import_module("easyeditor.models.rome.layer_stats")
+    saved = module.load_dataset
+    module.load_dataset = _refuse_download
+    try:
+        yield
+    finally:
+        module.load_dataset = saved
