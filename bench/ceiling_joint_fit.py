@@ -33,6 +33,9 @@ def main():
     ap.add_argument("--modules", default="transformer.h.0.mlp.c_proj", help="'+'-separated")
     ap.add_argument("--edits", type=int, default=2000)
     ap.add_argument("--keep", type=int, default=1000, help="held-apart facts kept by the loss")
+    ap.add_argument("--keep-locality", action="store_true",
+                    help="also keep the train split's locality prompts (other subjects, 'nq question:' "
+                         "form) at their true answers, as a ridge penalty over such keys would")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch", type=int, default=256)
@@ -48,7 +51,12 @@ def main():
     keep = world.train_records[:args.keep]
     reference = capture_reference(model, tok, records)
     edits = edit_batch(tok, records, 48)
-    kept = tokenize_teacher_forced(tok, [r.prompt for r in keep], [r.target_true for r in keep], 48)
+    prompts, answers = [r.prompt for r in keep], [r.target_true for r in keep]
+    if args.keep_locality:
+        pairs = dict.fromkeys((p, a) for r in keep for p, a in zip(r.locality_prompts, r.locality_answers))
+        prompts += [p for p, _ in pairs]
+        answers += [a for _, a in pairs]
+    kept = tokenize_teacher_forced(tok, prompts, answers, 48)
     model.requires_grad_(False)
     params = [get_module(model, m).weight for m in args.modules.split("+")]
     for p in params:
@@ -57,7 +65,7 @@ def main():
     start = time.perf_counter()
     for _ in tqdm(range(args.steps), desc="joint fit"):
         loss = 0.0
-        for batch, n in ((edits, len(records)), (kept, len(keep))):
+        for batch, n in ((edits, len(records)), (kept, len(prompts))):
             idx = torch.randperm(n)[:args.batch]
             logits = model(input_ids=batch["input_ids"][idx], attention_mask=batch["attention_mask"][idx]).logits
             loss = loss + answer_token_loss(logits, batch["labels"][idx])
@@ -66,7 +74,8 @@ def main():
         opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         scores = score_records(model, tok, records, reference=reference)
-    row = {"modules": args.modules, "edits": len(records), "keep": len(keep), "steps": args.steps,
+    row = {"modules": args.modules, "edits": len(records), "keep": len(prompts),
+           "keep_locality": args.keep_locality, "steps": args.steps,
            "lr": args.lr, "seconds": round(time.perf_counter() - start, 1),
            **{k: scores[k] for k in KEYS}}
     print(json.dumps(row))
