@@ -5,7 +5,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from rledit_plugin.data import (IGNORE_INDEX, EditRecord, RecordError, answer_positions,
-                                edit_batch, locality_batch, paraphrase_batch,
+                                answer_targets, edit_batch, locality_batch, paraphrase_batch,
                                 split_prompt_answer, tokenize_teacher_forced)
 
 CORPUS = ["The capital of Freedonia is Lyon.", "The mother tongue of Danielle Darrieux is French.",
@@ -146,6 +146,16 @@ def test_answer_positions_is_the_labels_mask_shifted_by_one():
     assert mask.sum() == (labels != IGNORE_INDEX).sum()  # no answer starts at position 0
     # The output at a masked position is scored against the next input token.
     assert torch.equal(batch["input_ids"][:, 1:][mask[:, :-1]], labels[:, 1:][mask[:, :-1]])
+
+
+def test_answer_targets_follow_the_answer_positions_row_order():
+    tok = TOKENIZERS["gpt2"]
+    labels = tokenize_teacher_forced(tok, *zip(*PAIRS))["labels"]
+    mask = answer_positions(labels)
+    expected = [int(labels[b, j + 1]) for b in range(labels.shape[0])
+                for j in range(labels.shape[1] - 1) if mask[b, j]]   # row-major, as logits[mask]
+    assert answer_targets(labels).tolist() == expected
+    assert (answer_targets(labels) != IGNORE_INDEX).all()
 
 
 def test_record_batches():

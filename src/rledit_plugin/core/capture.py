@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.records import IGNORE_INDEX, answer_positions
+from ..data.records import IGNORE_INDEX, answer_positions, answer_targets
 from ..models import answer_logits
 
 
@@ -102,8 +102,8 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
             finally:
                 for h in handles:
                     h.remove()
-            targets = mb["labels"][:, 1:][mb["labels"][:, 1:] != IGNORE_INDEX]
-            loss = F.cross_entropy(at_least_fp32(logits), targets, reduction="sum") / n_answer
+            loss = F.cross_entropy(at_least_fp32(logits), answer_targets(mb["labels"]),
+                                   reduction="sum") / n_answer
             names = list(outputs)
             out_grads = torch.autograd.grad(loss, [outputs[n] for n in names])
             for name, g in zip(names, out_grads):

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.records import EditRecord, IGNORE_INDEX, answer_positions, locality_batch, paraphrase_batch
+from ..data.records import (EditRecord, IGNORE_INDEX, answer_positions, answer_targets,
+                            locality_batch, paraphrase_batch)
 from ..hparams import RLEditTrainingHyperParams
 from ..models import answer_logits, is_conv1d, model_device
 from .capture import at_least_fp32, eval_mode, frozen_parameters
@@ -65,11 +66,6 @@ def _answer_rows(model, mb, edited) -> torch.Tensor:
     """Logits at the answer-predicting positions (rows = answer tokens, in label order)."""
     return at_least_fp32(answer_logits(model, mb["input_ids"], mb["attention_mask"],
                                        answer_positions(mb["labels"]), edited))
-
-
-def _answer_targets(mb) -> torch.Tensor:
-    labels = mb["labels"][:, 1:]
-    return labels[labels != IGNORE_INDEX]
 
 
 class SequenceTrainer:
@@ -135,8 +131,8 @@ class SequenceTrainer:
                 if lb.para is not None:
                     n = _n_answer(lb.para)
                     for mb in _chunks(lb.para, hp.loss_minibatch):
-                        ce = F.cross_entropy(_answer_rows(model, mb, edited), _answer_targets(mb),
-                                             reduction="sum")
+                        ce = F.cross_entropy(_answer_rows(model, mb, edited),
+                                             answer_targets(mb["labels"]), reduction="sum")
                         loss = w * ce / n
                         loss.backward()
                         stats["gen"] += float(loss.detach())

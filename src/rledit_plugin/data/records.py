@@ -193,6 +193,12 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def answer_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The answer tokens, in the row order of ``logits[answer_positions(labels)]``."""
+    shifted = labels[:, 1:]
+    return shifted[shifted != IGNORE_INDEX]
+
+
 def edit_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
     """Teacher-forced batch of the edit prompts with their new targets."""
     return tokenize_teacher_forced(tok, [r.prompt for r in records],
