@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..data.records import (IGNORE_INDEX, EditRecord, answer_positions, pad_right,
+from ..data.records import (EditRecord, answer_positions, answer_targets, pad_right,
                             split_prompt_answer, tokenize_teacher_forced)
 from ..models import answer_logits, model_device, output_logits
 
@@ -88,14 +88,13 @@ def answer_stats(model: nn.Module, tok, prompts: Sequence[str], answers: Sequenc
         for idx in _batches_by_length(lengths, batch_size):
             batch = tokenize_teacher_forced(tok, [prompts[i] for i in idx],
                                             [answers[i] for i in idx], max_length, device)
-            targets = batch["labels"][:, 1:]          # position j predicts token j + 1
-            mask = targets != IGNORE_INDEX
+            rows = answer_positions(batch["labels"])  # position j predicts token j + 1
             picked = answer_logits(model, batch["input_ids"], batch["attention_mask"],
-                                   answer_positions(batch["labels"])).float()   # (answer tokens, vocab)
-            gold = targets[mask]
+                                   rows).float()          # (answer tokens, vocab)
+            gold = answer_targets(batch["labels"])
             logp = picked.log_softmax(-1).gather(1, gold[:, None]).squeeze(1)
             pred = picked.argmax(-1)
-            counts = mask.sum(1).tolist()
+            counts = rows.sum(1).tolist()
             for i, p, g, lp in zip(idx, pred.cpu().split(counts), gold.cpu().split(counts),
                                    logp.double().cpu().split(counts)):
                 results[i] = AnswerStats(p.tolist(), g.tolist(), float(lp.sum()))
