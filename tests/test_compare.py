@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from rledit_plugin import compare
+from rledit_plugin import compare, compare_cli, compare_report
 from rledit_plugin.evaluation import RESULT_KEYS
 from rledit_plugin.world.tiny_lm import random_tiny_lm
 
@@ -62,7 +62,7 @@ def run(pristine, world, tmp_path_factory):
                                          generation=False, heldout_texts=world.heldout_corpus[:16])
     finally:
         os.chdir(cwd)
-    paths = compare.write_comparison(results, str(tmp / "out"), meta={"argv": ["test"]})
+    paths = compare_report.write_comparison(results, str(tmp / "out"), meta={"argv": ["test"]})
     return results, paths, comparison
 
 
@@ -204,10 +204,10 @@ def test_parse_algs_and_overrides():
         compare.parse_algs("RLEdit,SERAC")
     with pytest.raises(ValueError, match="twice"):
         compare.parse_algs("FT,ft")
-    assert compare._hparams_overrides(["memit=a.yaml", "training/mend=b.yaml"]) == \
+    assert compare_cli._hparams_overrides(["memit=a.yaml", "training/mend=b.yaml"]) == \
         {"MEMIT": "a.yaml", "TRAINING/MEND": "b.yaml"}
     with pytest.raises(SystemExit):
-        compare._hparams_overrides(["MEMIT"])
+        compare_cli._hparams_overrides(["MEMIT"])
 
 
 def test_cli_end_to_end(pristine, world, tmp_path, monkeypatch):
@@ -223,7 +223,7 @@ def test_cli_end_to_end(pristine, world, tmp_path, monkeypatch):
     rledit_yaml = tmp_path / "rledit.yaml"
     rledit_yaml.write_text("alg_name: RLEdit\nrank: 8\nn_blocks: 1\ninit_lr: 1e-2\n")
     parser = argparse.ArgumentParser()
-    compare.add_compare_parser(parser.add_subparsers(dest="command"))
+    compare_cli.add_compare_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "out"
     args = parser.parse_args(["compare", "--algs", "RLEdit,FT", "--data", str(data),
                               "--turns", "2", "--batch", "2", "--out", str(out),

@@ -18,7 +18,6 @@ imported when a baseline is asked for.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import time
 import traceback
 from pathlib import Path
@@ -265,20 +264,6 @@ def run_comparison(algs: Sequence[str], model_factory: Callable[[], Tuple[Any, A
         if on_result is not None:
             on_result(alg, result)
     return results
-
-
-# ------------------------------------------------------------------ names that moved
-# The report writer and the command line import this module, so they are reached
-# lazily (PEP 562): ``compare.write_comparison`` etc. keep working in any import order.
-_MOVED = {"comparison_table": "compare_report", "write_comparison": "compare_report",
-          "add_compare_parser": "compare_cli", "cmd_compare": "compare_cli", "main": "compare_cli",
-          "_hparams_overrides": "compare_cli", "_read_lines": "compare_cli"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":          # python -m rledit_plugin.compare ... = rledit compare ...
