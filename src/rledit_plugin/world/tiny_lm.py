@@ -197,7 +197,7 @@ def _one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield 1
+        yield
     finally:
         torch.set_num_threads(before)
 
@@ -279,12 +279,11 @@ def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLM
         return 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
-    with _one_thread() as threads:
+    with _one_thread():
         stats = _train_loop(model, lines, cfg, optim, sched, gen, total_steps,
-                            f"pre-training tiny {arch} ({threads} thread{'s' * (threads > 1)})",
-                            progress)
+                            f"pre-training tiny {arch} (1 thread)", progress)
     model.eval()
-    return model, dict(stats, threads=threads)
+    return model, dict(stats, threads=1)
 
 
 def _train_loop(model, lines, cfg, optim, sched, gen, total_steps, desc, progress):
