@@ -236,3 +236,55 @@ def test_cli_end_to_end(pristine, world, tmp_path, monkeypatch):
     assert list(saved["results"]) == ["RLEdit", "FT"]
     assert all(r["edits"] == 4 for r in saved["results"].values())
     assert (out / "compare.png").is_file()
+
+
+def test_memit_last_token_reads_each_prompts_own_last_token(pristine):
+    """The release raises on MEMIT's fact_token 'last' and looks the fact up at index -1 (a pad
+    of the shorter prompts in a right-padded batch).  Under memit_last_token both answer at each
+    text's own last token: checked against each text run alone (no padding at all)."""
+    from rledit_plugin.hosts import easyedit_baselines as eb
+    eb.ensure_easyedit()
+    compute_z = importlib.import_module("easyeditor.models.memit.compute_z")
+    release = (compute_z.get_module_input_output_at_words, compute_z.find_fact_lookup_idx)
+    model, tok = fresh(pristine)()
+    tok.padding_side, tok.pad_token = "right", tok.eos_token
+    eb.plain_inputs(tok)
+    templates = ["What pet does {} have?", "{} is a", "In which city does {} live today?"]
+    words = ["Mousbo", "Luthsheler", "Druroul"]
+    module = "transformer.h.{}.mlp.c_proj"
+    with pytest.raises(Exception, match="bugged"):
+        compute_z.get_module_input_output_at_words(model, tok, 1, templates, words, module, "last")
+
+    with eb.memit_last_token():
+        k_in, k_out = compute_z.get_module_input_output_at_words(model, tok, 1, templates, words,
+                                                                 module, "last")
+        only_in = compute_z.get_module_input_output_at_words(model, tok, 1, templates, words,
+                                                             module, "last", track="in")
+        lookup = [compute_z.find_fact_lookup_idx(t, w, tok, "last") for t, w in zip(templates, words)]
+    assert (compute_z.get_module_input_output_at_words, compute_z.find_fact_lookup_idx) == release
+
+    seen = {}
+    hook = model.get_submodule(module.format(1)).register_forward_hook(
+        lambda m, i, o: seen.update(inp=i[0][0, -1], out=o[0, -1]))
+    with torch.no_grad():
+        for row, (t, w) in enumerate(zip(templates, words)):
+            ids = tok(t.format(w), return_tensors="pt")["input_ids"]
+            model(input_ids=ids)
+            assert lookup[row] == ids.shape[1] - 1
+            torch.testing.assert_close(k_in[row], seen["inp"])
+            torch.testing.assert_close(only_in[row], seen["inp"])
+            torch.testing.assert_close(k_out[row], seen["out"])
+    hook.remove()
+    assert len({len(tok(t.format(w))["input_ids"]) for t, w in zip(templates, words)}) == 3
+
+
+def test_baseline_yamls_name_the_models_output_head(pristine):
+    """MEMIT fits its target value through ``lm_head_module``; the embedded LM's head is not tied
+    to the input embedding, so naming ``transformer.wte`` there fits a value through the wrong
+    matrix (MEMIT then edits nothing)."""
+    from rledit_plugin.hosts import easyedit_baselines as eb
+    model, _ = pristine
+    for alg in ("MEMIT", "ROME", "FT"):
+        hp = eb.load_hparams(alg, str(compare.default_hparams_path(alg)))
+        assert model.get_submodule(hp.lm_head_module) is model.get_output_embeddings(), alg
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight

@@ -172,6 +172,83 @@ def adalora_total_step(hparams, n_requests: int) -> Iterator[None]:
         module.AdaLoraConfig = original
 
 
+# --------------------------------------------------------------------------- MEMIT at the last token
+
+_MEMIT_MODULES = ("easyeditor.models.memit.compute_z", "easyeditor.models.memit.compute_ks",
+                  "easyeditor.models.memit.memit_main")
+
+
+def last_token_index(tok, text: str) -> int:
+    """Position of ``text``'s last token in a right-padded batch (its length - 1)."""
+    return len(tok(text)["input_ids"]) - 1
+
+
+@contextlib.contextmanager
+def memit_last_token() -> Iterator[None]:
+    """MEMIT with ``fact_token: last``: the release raises ("This is definitely bugged") when
+    reading keys there, and looks the fact up at index -1, a pad position for the shorter
+    prompts of a right-padded batch.  For the duration of the call both are answered at each
+    text's own last token; every other ``fact_token`` goes to the release's functions.
+
+    A one-layer model needs this: an MLP edit at the subject's token cannot reach the answer
+    position when no layer follows it to move information there.
+    """
+    compute_z = importlib.import_module(_MEMIT_MODULES[0])
+    repr_tools = importlib.import_module("easyeditor.models.rome.repr_tools")
+    reprs_at_words = compute_z.get_module_input_output_at_words
+    lookup_idx = compute_z.find_fact_lookup_idx
+
+    def reprs(model, tok, layer, context_templates, words, module_template,
+              fact_token_strategy, track=None):
+        if fact_token_strategy != "last":
+            return reprs_at_words(model, tok, layer, context_templates, words, module_template,
+                                  fact_token_strategy, track=track)
+        if tok.padding_side != "right":
+            raise ValueError("MEMIT fact_token 'last' indexes a right-padded batch")
+        contexts = [template.format(word) for template, word in zip(context_templates, words)]
+        found = repr_tools.get_reprs_at_idxs(
+            model=model, tok=tok, contexts=contexts, layer=layer, module_template=module_template,
+            idxs=[[last_token_index(tok, c)] for c in contexts],
+            track=track if track in ("in", "out") else "both")
+        if track in ("in", "out"):
+            return found
+        return found[0].detach(), found[1].detach()
+
+    def lookup(prompt, subject, tok, fact_token_strategy, verbose=True):
+        if fact_token_strategy != "last":
+            return lookup_idx(prompt, subject, tok, fact_token_strategy, verbose=verbose)
+        return last_token_index(tok, prompt.format(subject))
+
+    modules = [importlib.import_module(name) for name in _MEMIT_MODULES]
+    saved = [(m, name, getattr(m, name)) for m in modules
+             for name in ("get_module_input_output_at_words", "find_fact_lookup_idx")
+             if hasattr(m, name)]
+    for module, name, _ in saved:
+        setattr(module, name, reprs if name == "get_module_input_output_at_words" else lookup)
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def memit_bare_prompts() -> Iterator[None]:
+    """MEMIT reads keys and fits values over the bare prompt and five prefixes it generates
+    with the model itself (cached in a module global); ROME's equivalent is its
+    ``context_template_length_params``, which MEMIT's hparams lack.  With ``fact_token: last``
+    on a small model the generated prefixes are off-distribution text that changes the
+    last-token key, so only the bare prompt is used (the cache is set for the call and put back).
+    """
+    memit_main = importlib.import_module(_MEMIT_MODULES[2])
+    saved = memit_main.CONTEXT_TEMPLATES_CACHE
+    memit_main.CONTEXT_TEMPLATES_CACHE = [["{}"]]
+    try:
+        yield
+    finally:
+        memit_main.CONTEXT_TEMPLATES_CACHE = saved
+
+
 # --------------------------------------------------------------------------- the editor
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[List[Any]]:
@@ -259,6 +336,9 @@ class EasyEditBaseline:
                 stack.enter_context(mend_archive_loading(self.model))
             if self.alg == "LoRA":
                 stack.enter_context(adalora_total_step(self.hparams, len(requests)))
+            if self.alg == "MEMIT" and self.hparams.fact_token == "last":
+                stack.enter_context(memit_last_token())
+                stack.enter_context(memit_bare_prompts())
             for chunk in _chunks(requests, size):
                 edited, _ = self._apply(self.model, self.tok, chunk, self.hparams, copy=False,
                                         return_orig_weights=False, keep_original_weight=False,
