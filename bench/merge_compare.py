@@ -29,7 +29,9 @@ def merge(paths):
                 raise SystemExit(f"{path}: meta '{key}' is {meta.get(key)!r}, but {paths[0]} has "
                                  f"{first.get(key)!r}: not the same stream")
         results.update(payload["results"])
-        runs.append({"file": path, "argv": meta.get("argv"), "methods": list(payload["results"])})
+        # a merged file brings the runs it was merged from (their commands stay on record)
+        runs.extend(meta.get("merged_runs") or
+                    [{"file": path, "argv": meta.get("argv"), "methods": list(payload["results"])}])
     meta = {k: first.get(k) for k in SAME}
     meta["merged_runs"] = runs
     return results, meta

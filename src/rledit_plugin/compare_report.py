@@ -67,6 +67,10 @@ def write_comparison(results: Mapping[str, Mapping[str, Any]], out_dir: str, nam
     title = f"# {name}\n\n"
     if meta:
         title += "`" + " ".join(str(a) for a in meta.get("argv", [])) + "`\n\n" if meta.get("argv") else ""
+        for run in meta.get("merged_runs", []):       # bench/merge_compare.py: one line per run
+            title += (f"- {', '.join(run.get('methods', []))}: `"
+                      + " ".join(str(a) for a in run.get("argv") or []) + "`\n")
+        title += "\n" if meta.get("merged_runs") else ""
     paths["markdown"].write_text(title + comparison_table(results))
     ok = {m: r for m, r in results.items() if not is_failure(r)}
     if ok:
