@@ -101,10 +101,11 @@ def test_edit_lowers_edit_loss_and_touches_only_edited_modules(pair, world):
         torch.testing.assert_close(now - was, dw.t(), rtol=1e-4, atol=1e-6)
 
 
-def test_rollback_and_restore_are_exact(pair, world):
+@pytest.mark.parametrize("edit_steps", [1, 2])
+def test_rollback_and_restore_are_exact(pair, world, edit_steps):
     model, tok, modules = pair
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = RLEditor(model, tok, _hp(modules))
+    editor = RLEditor(model, tok, _hp(modules, edit_steps=edit_steps))
     recs = world.train_records
     editor.edit(recs[0:3])
     editor.edit(recs[3:6])
@@ -121,17 +122,20 @@ def test_rollback_and_restore_are_exact(pair, world):
         editor.rollback(1)
 
 
-@pytest.mark.parametrize("whitening", [False, True])
-def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world, tmp_path, whitening):
+@pytest.mark.parametrize("whitening, edit_steps", [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world, tmp_path, whitening,
+                                                             edit_steps):
     """One training step: the trainer's hypernetwork gradient equals end-to-end autograd (float64).
 
     With key whitening the reference is the generalised-Tikhonov primal solve
-    (K^T K + e^lam S^-2)^-1 K^T D, so the whitened dual form is checked too."""
+    (K^T K + e^lam S^-2)^-1 K^T D, so the whitened dual form is checked too.  With
+    ``edit_steps`` 2 the batch is edited in two rounds, the second captured (as a constant)
+    on the weights the first changed; the losses and the L2 term see their sum."""
     model, tok = random_gpt2
     model = copy.deepcopy(model).double()
     hp = _train_hp(GPT2_MODULES, tmp_path, traj_len=1, n_trajectories=1, max_grad_norm=1e12,
                    reg_coef=0.5, reg_mode="paper", loc_coef=0.6, loss_minibatch=2,
-                   key_whitening=whitening, whitening_damping=0.1)
+                   key_whitening=whitening, whitening_damping=0.1, edit_steps=edit_steps)
     trainer = SequenceTrainer(model, tok, hp, progress=False,
                               whitening_texts=record_texts(world.train_records[:10]))
     assert trainer.net.whitened == whitening
@@ -153,24 +157,34 @@ def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world,
     # Independent reference: primal solve, functional weights, autograd to phi.
     mods = {n: get_module(model, n) for n in GPT2_MODULES}
     eb = edit_batch(tok, batch_records, hp.max_length)
-    cap = capture(model, mods, eb, minibatch=hp.edit_minibatch)   # model is pristine again
     para = paraphrase_batch(tok, batch_records, hp.max_length)
     loc = locality_batch(tok, batch_records, hp.max_length)
-    with torch.no_grad():
+    with torch.no_grad():                                         # model is pristine again
         p_old = torch.log_softmax(model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits[:, :-1], -1)
     net.zero_grad(set_to_none=True)
+    total_dw = {n: 0.0 for n in GPT2_MODULES}
+    for _ in range(edit_steps):
+        with torch.no_grad():                                     # capture on W_0 + earlier rounds
+            for n in GPT2_MODULES:
+                mods[n].weight.copy_(pristine[n] + (total_dw[n].detach() if torch.is_tensor(total_dw[n]) else 0.0))
+        cap = capture(model, mods, eb, minibatch=hp.edit_minibatch)
+        for n in GPT2_MODULES:
+            d = net.values(n, cap.keys[n].double(), cap.grads[n].double())
+            k = cap.keys[n].double()
+            if whitening:
+                s_mat = net.whitening(n)
+                tikhonov = torch.linalg.inv(s_mat @ s_mat)
+                dw = torch.linalg.solve(k.T @ k + net.lam(n).exp() * tikhonov, k.T @ d)
+            else:
+                dw = ridge_primal(k, d, net.lam(n))                  # (d_in, d_out) = Conv1D layout
+            total_dw[n] = total_dw[n] + dw
+    with torch.no_grad():
+        for n in GPT2_MODULES:
+            mods[n].weight.copy_(pristine[n])
     new_weights, reg = {}, 0.0
     for n in GPT2_MODULES:
-        d = net.values(n, cap.keys[n].double(), cap.grads[n].double())
-        k = cap.keys[n].double()
-        if whitening:
-            s_mat = net.whitening(n)
-            tikhonov = torch.linalg.inv(s_mat @ s_mat)
-            dw = torch.linalg.solve(k.T @ k + net.lam(n).exp() * tikhonov, k.T @ d)
-        else:
-            dw = ridge_primal(k, d, net.lam(n))                      # (d_in, d_out) = Conv1D layout
-        new_weights[f"{n}.weight"] = pristine[n] + dw
-        reg = reg + hp.reg_coef * (dw ** 2).sum()
+        new_weights[f"{n}.weight"] = pristine[n] + total_dw[n]
+        reg = reg + hp.reg_coef * (total_dw[n] ** 2).sum()
     out = functional_call(model, new_weights, args=(), kwargs=dict(input_ids=para["input_ids"], attention_mask=para["attention_mask"]))
     gen = answer_token_loss(out.logits, para["labels"])
     out_loc = functional_call(model, new_weights, args=(), kwargs=dict(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]))

@@ -108,6 +108,9 @@ class RLEditHyperParams(_YamlParams):
     lifelong_norm: bool = True
     # records per forward/backward when capturing keys and value-gradients
     edit_minibatch: int = 20
+    # capture -> predict -> apply rounds per edit batch; each later round captures on the
+    # weights the earlier ones changed (core/editor.py); 1 = the paper
+    edit_steps: int = 1
     # weight update: kernel path and bf16/fp16 compensation ("none" | "fp32" | "kahan")
     kernel_path: str = "auto"
     accumulate: str = "none"
@@ -124,7 +127,7 @@ class RLEditHyperParams(_YamlParams):
         self.alg_name = "RLEdit"   # EasyEdit's ALG_DICT is keyed by this exact spelling
         self.inner_params = [p[:-len(".weight")] if p.endswith(".weight") else p
                              for p in (self.inner_params or [])]
-        for key in ("rank", "n_blocks", "max_length", "batch_size", "edit_minibatch"):
+        for key in ("rank", "n_blocks", "max_length", "batch_size", "edit_minibatch", "edit_steps"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"{source}: key '{key}' must be >= 1")
         if self.accumulate not in ("none", "fp32", "kahan"):

@@ -4,7 +4,10 @@ For every incoming batch of records the editor captures keys ``K`` and
 value-gradients ``G`` on the current (already edited) model, lets the
 hypernetwork turn them into value changes ``D``, solves the ridge problem in
 its dual form ``C = (K K^T + e^lam I)^-1 D`` and adds ``dW = K^T C`` to each
-edited weight as an in-place rank-``N`` update.  Edits are never reverted
+edited weight as an in-place rank-``N`` update.  With ``edit_steps > 1`` this
+round repeats on the updated weights: edits that already took give small
+gradients and get little more, the others get another push (the normaliser
+sees each batch once).  Edits are never reverted
 unless asked: :meth:`rollback` and :meth:`restore` use the pristine copy of the
 edited modules (the rest of the model never changes) and the exact journal of
 applied factors.
@@ -40,6 +43,16 @@ class Update:
     capture: Optional[Capture] = None
     values: Dict[str, torch.Tensor] = field(default_factory=dict)  # D, (N, d_out)
     factors: Dict[str, GramFactor] = field(default_factory=dict)   # reused by the trainer's backward
+    rounds: Optional[List[int]] = None   # journal: rows of each edit round, stacked (edit_steps > 1)
+
+    def split_rounds(self) -> List["Update"]:
+        """The rounds this journal entry stacks, in the order they were applied."""
+        if not self.rounds or len(self.rounds) == 1:
+            return [self]
+        keys = {n: k.split(self.rounds) for n, k in self.keys.items()}
+        coeffs = {n: c.split(self.rounds) for n, c in self.coeffs.items()}
+        return [Update({n: keys[n][i] for n in keys}, {n: coeffs[n][i] for n in coeffs})
+                for i in range(len(self.rounds))]
 
 
 def _norm_buffers(net: nn.Module):
@@ -145,17 +158,32 @@ class RLEditor:
                 apply_low_rank_(w, update.coeffs[name].t(), update.keys[name], alpha,
                                 residual=self._residuals[name], path=self.hparams.kernel_path)
 
+    def edit_rounds(self, records: Sequence[EditRecord], update_norm: Optional[bool] = None) -> List[Update]:
+        """``edit_steps`` rounds of capture -> predict -> apply on ``records``; the updates, in order.
+
+        Only the first round may update the normaliser: later rounds see the same records.
+        """
+        rounds = []
+        for step in range(self.hparams.edit_steps):
+            update = self.compute_update(records, update_norm=update_norm if step == 0 else False)
+            self.apply(update)
+            rounds.append(update)
+        return rounds
+
     def edit(self, records: Sequence[EditRecord]) -> dict:
         """Write ``records`` into the model (lifelong: accumulates, never reverts)."""
         norm_before = norm_state(self.hypernet) if self.keep_journal else None
-        update = self.compute_update(records)
-        self.apply(update)
-        if self.keep_journal:
-            self.journal.append(Update({n: k.cpu() for n, k in update.keys.items()},
-                                       {n: c.cpu() for n, c in update.coeffs.items()}))
+        rounds = self.edit_rounds(records)
+        if self.keep_journal:   # one journal entry per batch: the rounds' factors stacked row-wise
+            first = next(iter(self.modules))
+            self.journal.append(Update(
+                {n: torch.cat([u.keys[n] for u in rounds]).cpu() for n in self.modules},
+                {n: torch.cat([u.coeffs[n] for u in rounds]).cpu() for n in self.modules},
+                rounds=[u.keys[first].shape[0] for u in rounds]))
             self._norm_history.append(norm_before)
-        return {"n_records": len(records), "n_rows": update.capture.n_rows,
-                "loss_before": update.capture.loss, "n_turns": len(self.journal)}
+        return {"n_records": len(records), "n_rows": rounds[0].capture.n_rows,
+                "loss_before": rounds[0].capture.loss,
+                "round_losses": [u.capture.loss for u in rounds], "n_turns": len(self.journal)}
 
     # -- undo ----------------------------------------------------------
     def original_weights(self) -> Dict[str, torch.Tensor]:
@@ -186,9 +214,10 @@ class RLEditor:
         history = self._norm_history[:-n]
         self.restore()
         device = model_device(self.model)
-        for update in keep:
-            self.apply(Update({k: v.to(device) for k, v in update.keys.items()},
-                              {k: v.to(device) for k, v in update.coeffs.items()}))
+        for entry in keep:
+            for update in entry.split_rounds():       # round by round: the same sums, bit for bit
+                self.apply(Update({k: v.to(device) for k, v in update.keys.items()},
+                                  {k: v.to(device) for k, v in update.coeffs.items()}))
         self.journal, self._norm_history = list(keep), history
         load_norm_state(self.hypernet, norm)
 

@@ -146,23 +146,33 @@ class SequenceTrainer:
                         stats["loc"] += float(loss.detach())
         return stats
 
-    def _meta_backward(self, update: Update, scale: float) -> float:
-        """Push dLoss/d(dW) through the ridge solve into the hypernetwork's gradients."""
+    def _meta_backward(self, rounds: Sequence[Update], scale: float) -> float:
+        """Push dLoss/d(dW) through the ridge solve(s) into the hypernetwork's gradients.
+
+        ``rounds``: the batch's updates (``edit_steps`` of them); dW is their sum, so every
+        round sees the same dLoss/dW, and the L2 term is on the sum (its cross terms included).
+        Captures are constants, as in the single-round case.
+        """
         hp, reg_total = self.hp, 0.0
         for name, module in self.editor.modules.items():
-            k, c = update.keys[name], update.coeffs[name]
             grad = module.weight.grad
             if grad is None:      # the losses did not reach this module
                 grad = torch.zeros_like(module.weight)
-            kg = project_weight_grad(k, grad.t() if is_conv1d(module) else grad)
-            reg_value, reg_kg = l2_term_kg(k, c, hp.reg_coef)
+            grad = grad.t() if is_conv1d(module) else grad
+            rows = [u.keys[name].shape[0] for u in rounds]
+            reg_value, reg_kg = l2_term_kg(torch.cat([u.keys[name] for u in rounds]),
+                                           torch.cat([u.coeffs[name] for u in rounds]), hp.reg_coef)
             reg_total += float(reg_value)
-            if hp.reg_mode == "paper":
-                kg = kg + reg_kg
             lam = self.net.lam(name)
-            d_coeff, d_lam = ridge_dual_backward(k, c, kg, lam.detach(), update.factors.get(name))
-            values = self.net.values(name, update.capture.keys[name], update.capture.grads[name])  # with graph
-            surrogate = (d_coeff * values).sum() + (d_lam * lam).sum()
+            surrogate = 0.0
+            for update, reg_part in zip(rounds, reg_kg.split(rows)):
+                k, c = update.keys[name], update.coeffs[name]
+                kg = project_weight_grad(k, grad)
+                if hp.reg_mode == "paper":
+                    kg = kg + reg_part
+                d_coeff, d_lam = ridge_dual_backward(k, c, kg, lam.detach(), update.factors.get(name))
+                values = self.net.values(name, update.capture.keys[name], update.capture.grads[name])  # with graph
+                surrogate = surrogate + (d_coeff * values).sum() + (d_lam * lam).sum()
             (surrogate * scale).backward()
             module.weight.grad = None
         return reg_total
@@ -184,13 +194,12 @@ class SequenceTrainer:
         for t in bar:
             window = self._window(t, batches)
             ref = self._reference_logprobs(window)
-            update = self.editor.compute_update(batches[t], update_norm=True)
-            self.editor.apply(update)                   # W_t = W_{t-1} + dW_t, kept (on-policy)
+            rounds = self.editor.edit_rounds(batches[t], update_norm=True)   # W_t = W_{t-1} + dW_t, kept (on-policy)
             stats = self._edited_loss_backward(window, ref)
-            totals["reg"] += self._meta_backward(update, 1.0 / seg) * hp.reg_coef
+            totals["reg"] += self._meta_backward(rounds, 1.0 / seg) * hp.reg_coef
             totals["gen"] += stats["gen"]
             totals["loc"] += stats["loc"]
-            totals["edit_loss"] += update.capture.loss
+            totals["edit_loss"] += rounds[0].capture.loss
             if (t + 1) % seg == 0 or t + 1 == hp.traj_len:
                 totals["grad_norm"] += self._opt_step()
                 totals["steps"] += 1
