@@ -258,3 +258,36 @@ def test_capture_head_on_answer_rows_equals_full_logits_path(random_gpt2, world)
     assert with_head.keys["lm_head"].shape[0] == fast.n_rows
     torch.testing.assert_close(with_head.grads[GPT2_MODULES[0]], fast.grads[GPT2_MODULES[0]],
                                rtol=1e-4, atol=1e-6)   # fp32 summation order
+
+
+def test_validation_edits_the_way_the_editor_does(random_gpt2, world, tmp_path, monkeypatch):
+    """The trainer's validation stream (which picks the kept hypernetwork) runs every edit round,
+    exactly as RLEditor.edit does, and leaves weights and normaliser as it found them."""
+    from rledit_plugin.evaluation import metrics
+    model, tok = random_gpt2
+    model = copy.deepcopy(model)
+    hp = _train_hp(GPT2_MODULES, tmp_path, edit_steps=2, init_lr=5e-2)
+    trainer = SequenceTrainer(model, tok, hp, progress=False)
+    records = world.val_records[:6]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norm = norm_state(trainer.net)
+    scored = {}
+    real_score = metrics.score_records
+
+    def spy(m, *args, **kwargs):          # the weights validation scores
+        scored.update({k: v.clone() for k, v in m.state_dict().items()})
+        return real_score(m, *args, **kwargs)
+    monkeypatch.setattr(metrics, "score_records", spy)
+    trainer.validate(records)
+    assert scored
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, norm[k]) for k, v in norm_state(trainer.net).items())
+
+    editor = RLEditor(model, tok, hp.editing(), hypernet=copy.deepcopy(trainer.net), keep_journal=False)
+    with torch.no_grad():
+        for i in range(0, len(records), hp.n_edits):
+            editor.edit(records[i:i + hp.n_edits])
+    for name in GPT2_MODULES:
+        assert not torch.equal(scored[f"{name}.weight"], before[f"{name}.weight"])
+        torch.testing.assert_close(scored[f"{name}.weight"], model.state_dict()[f"{name}.weight"],
+                                   rtol=0, atol=0)

@@ -219,7 +219,7 @@ class SequenceTrainer:
         n = self.hp.n_edits
         with torch.no_grad():
             for i in range(0, len(records), n):
-                self.editor.apply(self.editor.compute_update(records[i:i + n]))
+                self.editor.edit_rounds(records[i:i + n])     # as the editor edits: every round
         scores = score_records(self.model, self.tok, records, reference=reference)
         self.editor.restore(normaliser=False)
         load_norm_state(self.net, norm)
