@@ -94,7 +94,7 @@ def child(args) -> dict:
         editor, n = trainer.editor, hp.n_edits
         with torch.no_grad():
             for t in range(hp.traj_len):
-                editor.apply(editor.compute_update(records[t * n:(t + 1) * n]))
+                editor.edit_rounds(records[t * n:(t + 1) * n])        # edit_steps rounds each
         editor.restore(normaliser=False)
         stats = {}
     if cuda:
