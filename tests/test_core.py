@@ -218,6 +218,11 @@ def test_train_archive_load_edit_round_trip_and_determinism(random_gpt2, world, 
     loaded_hp.archive = hp.results_dir
     RLEditor(m2, tok, loaded_hp).edit(edit_recs)
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    # editing with another number of rounds than the archive was trained with: allowed, but said
+    other_rounds = copy.deepcopy(loaded_hp)
+    other_rounds.edit_steps = loaded_hp.edit_steps + 1
+    with pytest.warns(UserWarning, match="trained with edit_steps=1, editing with edit_steps=2"):
+        RLEditor(copy.deepcopy(pristine), tok, other_rounds)
 
     # a second seeded run writes the identical archive
     hp2 = _train_hp(GPT2_MODULES, tmp_path / "second", key_whitening=whitening)

@@ -93,11 +93,14 @@ def read_meta(path: str) -> dict:
 
 
 def load_archive(path: str, model, expect_modules: Optional[Sequence[str]] = None,
-                 strict_weights: bool = False) -> HyperNetwork:
+                 strict_weights: bool = False, edit_steps: Optional[int] = None) -> HyperNetwork:
     """Rebuild the hypernetwork for ``model``; refuses a model of another family or shape.
 
     A different checkpoint of the same architecture is allowed (the usual case:
     train on one copy, edit another) but logged; ``strict_weights=True`` refuses it.
+    ``edit_steps``: the rounds the caller will edit with; a hypernetwork trained for another
+    number of rounds (archives before ``edit_steps`` existed: 1) works but is off-policy, so
+    it is a warning.
     """
     meta = read_meta(path)
     names = list(meta["modules"])
@@ -120,6 +123,12 @@ def load_archive(path: str, model, expect_modules: Optional[Sequence[str]] = Non
         import logging
         logging.getLogger(__name__).info(msg)
     hp = meta["hparams"]
+    trained_steps = int(hp.get("edit_steps", 1))
+    if edit_steps is not None and int(edit_steps) != trained_steps:
+        import warnings
+        warnings.warn(f"{path}: hypernetwork trained with edit_steps={trained_steps}, editing with "
+                      f"edit_steps={edit_steps}; retrain (rledit train) for the rounds you edit with",
+                      stacklevel=2)
     net = HyperNetwork({n: tuple(s) for n, s in meta["modules"].items()}, rank=hp["rank"],
                        n_blocks=hp["n_blocks"], init_lr=hp["init_lr"], init_lam=hp["init_lam"],
                        eps=hp["norm_eps"])

@@ -95,7 +95,8 @@ class RLEditor:
         self.modules: Dict[str, nn.Module] = {n: get_module(model, n) for n in names}
         if hypernet is None and hparams.archive:
             from .archive import load_archive
-            hypernet = load_archive(hparams.archive, model, expect_modules=names)
+            hypernet = load_archive(hparams.archive, model, expect_modules=names,
+                                    edit_steps=hparams.edit_steps)
         self.hypernet = hypernet if hypernet is not None else build_hypernetwork(model, hparams)
         if sorted(self.hypernet.module_names) != sorted(names):
             raise ValueError(f"hypernetwork edits {sorted(self.hypernet.module_names)} "
