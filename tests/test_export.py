@@ -62,13 +62,14 @@ def toks():
     return {"gpt2": _tokenizer(with_bos=False), "llama": _tokenizer(with_bos=True)}
 
 
-def _edited(arch, toks, modules=None, tie=True, batches=3, keep_journal=True, kv_heads=2):
+def _edited(arch, toks, modules=None, tie=True, batches=3, keep_journal=True, kv_heads=2,
+            edit_steps=1):
     """(pristine copy taken before editing, editor whose model carries ``batches`` edits)."""
     tok = toks[arch]
     model = _gpt2(tok, tie) if arch == "gpt2" else _llama(tok, kv_heads)
     modules = modules or (GPT2_MODULES if arch == "gpt2" else LLAMA_MODULES)
     pristine = copy.deepcopy(model)
-    editor = RLEditor(model, tok, _hp(modules), keep_journal=keep_journal)
+    editor = RLEditor(model, tok, _hp(modules, edit_steps=edit_steps), keep_journal=keep_journal)
     records = _records()
     for t in range(batches):
         editor.edit(records[3 * t:3 * t + 3])
@@ -162,6 +163,19 @@ def test_exact_adapter_reproduces_the_edited_model(edited, toks, tmp_path):
     assert (_logits(pristine, tok) - edited_logits).abs().max() > 1e-3
     # the export left the live editor and its model alone
     assert not any("lora" in n for n, _ in editor.model.named_modules())
+
+
+def test_two_round_batches_export_exactly(toks, tmp_path):
+    """With edit_steps 2 each journal entry stacks both rounds' factors; the adapter still
+    reproduces the edited model and counts edit batches, not rounds."""
+    pristine, editor = _edited("gpt2", toks, edit_steps=2)
+    assert all(entry.rounds and len(entry.rounds) == 2 for entry in editor.journal)
+    export_lora(editor, str(tmp_path / "adapter"))
+    meta = json.load(open(tmp_path / "adapter" / EXPORT_META))
+    assert meta["n_edit_batches"] == 3
+    loaded = PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(_logits(loaded, toks["gpt2"]), _logits(editor.model, toks["gpt2"]),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_truncated_adapter_carries_the_truncated_factors(edited, toks, tmp_path):
