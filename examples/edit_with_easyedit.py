@@ -37,7 +37,7 @@ def main() -> None:
 
     import torch
 
-    from rledit_plugin.data.formats import record_to_request
+    from rledit_plugin.data.writers import record_to_request
     from rledit_plugin.hosts import easyedit as host
     from rledit_plugin.hparams import RLEditHyperParams
     from rledit_plugin.models import load_model_and_tokenizer

@@ -35,7 +35,7 @@ def main() -> None:
     import torch
     from tqdm import tqdm
 
-    from rledit_plugin.data.formats import record_to_request
+    from rledit_plugin.data.writers import record_to_request
     from rledit_plugin.evaluation.metrics import capture_reference, score_records
     from rledit_plugin.hosts import easyedit as host
     from rledit_plugin.hparams import RLEditHyperParams

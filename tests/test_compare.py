@@ -214,7 +214,7 @@ def test_cli_end_to_end(pristine, world, tmp_path, monkeypatch):
     """`rledit compare` on a local model directory and a data file (RLEdit + FT, 2 x 2)."""
     import argparse
 
-    from rledit_plugin.data.formats import write_zsre
+    from rledit_plugin.data.writers import write_zsre
     model, tok = pristine
     model_dir = tmp_path / "tiny-gpt2"
     model.save_pretrained(str(model_dir))

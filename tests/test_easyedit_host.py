@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from rledit_plugin.data.formats import record_to_request, records_from_requests
+from rledit_plugin.data.formats import records_from_requests
+from rledit_plugin.data.writers import record_to_request
 from rledit_plugin.hosts import easyedit as host
 from rledit_plugin.hparams import RLEditHyperParams
 
@@ -318,7 +319,8 @@ def test_local_model_directory(ee, small, requests_, tmp_path):
 # ------------------------------------------------------------------ datasets and metrics
 
 def test_easyedit_datasets_load_the_world_files(ee, world, small, tmp_path):
-    from rledit_plugin.data.formats import load_records, write_counterfact_easyedit
+    from rledit_plugin.data.formats import load_records
+    from rledit_plugin.data.writers import write_counterfact_easyedit
     from rledit_plugin.world.facts import write_world_files
     files = write_world_files(world, str(tmp_path))
     zsre = ee.ZsreDataset(files["zsre_eval.json"])

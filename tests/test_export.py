@@ -15,7 +15,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import bpe_tokenizer, tiny_gpt2, tiny_llama
 from rledit_plugin.core.editor import RLEditor
-from rledit_plugin.data.formats import write_easyedit_requests
+from rledit_plugin.data.writers import write_easyedit_requests
 from rledit_plugin.data.records import EditRecord
 from rledit_plugin.export import (EXPORT_META, ExportError, add_export_parser, export_lora,
                                   factorise_update, lora_factors)

@@ -13,7 +13,6 @@ import os
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from ..hparams import RLEditHyperParams

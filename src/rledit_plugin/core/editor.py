@@ -14,7 +14,6 @@ applied factors.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 

@@ -18,7 +18,7 @@ hypernetwork archive so training and editing use the same one.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -314,7 +314,7 @@ class EasyEditBaseline:
         return names
 
     def _requests(self, records) -> List[Dict[str, Any]]:
-        from ..data.formats import record_to_request
+        from ..data.writers import record_to_request
         out = []
         for i, record in enumerate(records):
             request = record_to_request(record)

@@ -56,7 +56,7 @@ def train_mend(model_dir: str, training_yaml: str, train_records, val_records, w
     """
     import json
 
-    from ..data.formats import write_zsre
+    from ..data.writers import write_zsre
     easyeditor = ensure_easyedit()
     work = Path(work_dir).resolve()      # the trainer runs with work as its cwd
     work.mkdir(parents=True, exist_ok=True)
