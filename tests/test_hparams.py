@@ -1,0 +1,61 @@
+"""Hyper-parameter files: every shipped YAML loads; bad keys and values name the file and key."""
+import glob
+import os
+
+import pytest
+
+from rledit_plugin.hparams import HParamsError, RLEditHyperParams, RLEditTrainingHyperParams
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "hparams", "RLEdit", "*.yaml"))))
+def test_shipped_editing_yamls_load(path):
+    hp = RLEditHyperParams.from_hparams(path)
+    assert hp.alg_name == "RLEdit" and hp.edit_steps >= 1 and isinstance(hp.init_lr, float)
+
+
+def test_shipped_training_yaml_loads_and_its_editing_part_matches_the_editing_yaml():
+    train = RLEditTrainingHyperParams.from_hparams(os.path.join(REPO, "hparams", "TRAINING", "RLEdit", "tiny.yaml"))
+    edit = RLEditHyperParams.from_hparams(os.path.join(REPO, "hparams", "RLEdit", "tiny.yaml"))
+    # the archive path differs (training writes it, editing reads it); the rest must agree,
+    # or the demo's hypernetwork would be trained for another editor than the one that uses it
+    mine, theirs = train.editing().to_dict(), edit.to_dict()
+    mine.pop("archive"), theirs.pop("archive")
+    assert mine == theirs
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "x.yaml"
+    path.write_text("alg_name: RLEdit\n" + text)
+    return str(path)
+
+
+def test_misspelled_key_names_the_file_the_key_and_the_closest_name(tmp_path):
+    path = _write(tmp_path, "edit_step: 2\n")
+    with pytest.raises(HParamsError, match=r"x\.yaml: unknown key 'edit_step' \(did you mean 'edit_steps'\?\)"):
+        RLEditHyperParams.from_hparams(path)
+
+
+@pytest.mark.parametrize("text, key", [("edit_steps: 0\n", "edit_steps"), ("rank: 0\n", "rank"),
+                                       ("init_lr: fast\n", "init_lr"),
+                                       ("accumulate: double\n", "accumulate")])
+def test_bad_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(HParamsError, match=rf"x\.yaml: key '{key}'"):
+        RLEditHyperParams.from_hparams(_write(tmp_path, text))
+
+
+def test_yaml_exponent_without_a_dot_is_a_float_and_round_trip(tmp_path):
+    # PyYAML reads "1e-2" (no dot) as a string; the loader turns it into the float it means
+    hp = RLEditHyperParams.from_hparams(_write(tmp_path, "init_lr: 1e-2\nedit_steps: 2\n"))
+    assert hp.init_lr == pytest.approx(0.01) and isinstance(hp.init_lr, float)
+    assert RLEditHyperParams.from_dict(hp.to_dict()) == hp
+
+
+def test_missing_file_and_non_mapping_are_clear_errors(tmp_path):
+    with pytest.raises(HParamsError, match="hparams file not found"):
+        RLEditHyperParams.from_hparams(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(HParamsError, match="expected a mapping"):
+        RLEditHyperParams.from_hparams(str(bad))
