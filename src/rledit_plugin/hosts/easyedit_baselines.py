@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .easyedit import cpu_shim, host_flavour, import_easyeditor
+from .easyedit_compat import patched
 from .easyedit_memit_stats import clear_stat_caches, model_label, offline_stats
 from .easyedit_memit_stats import write_stats  # noqa: F401  (re-exported: its old home)
 
@@ -164,12 +165,8 @@ def adalora_total_step(hparams, n_requests: int) -> Iterator[None]:
         needed = False
     except ValueError:
         needed = True
-    if needed:
-        module.AdaLoraConfig = config
-    try:
+    with patched(module, **({"AdaLoraConfig": config} if needed else {})):
         yield
-    finally:
-        module.AdaLoraConfig = original
 
 
 # --------------------------------------------------------------------------- MEMIT at the last token
@@ -219,17 +216,12 @@ def memit_last_token() -> Iterator[None]:
             return lookup_idx(prompt, subject, tok, fact_token_strategy, verbose=verbose)
         return last_token_index(tok, prompt.format(subject))
 
-    modules = [importlib.import_module(name) for name in _MEMIT_MODULES]
-    saved = [(m, name, getattr(m, name)) for m in modules
-             for name in ("get_module_input_output_at_words", "find_fact_lookup_idx")
-             if hasattr(m, name)]
-    for module, name, _ in saved:
-        setattr(module, name, reprs if name == "get_module_input_output_at_words" else lookup)
-    try:
+    replacements = {"get_module_input_output_at_words": reprs, "find_fact_lookup_idx": lookup}
+    with contextlib.ExitStack() as stack:
+        for module in map(importlib.import_module, _MEMIT_MODULES):   # each holds its own import
+            stack.enter_context(patched(module, **{name: fn for name, fn in replacements.items()
+                                                   if hasattr(module, name)}))
         yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
 
 
 @contextlib.contextmanager
@@ -240,13 +232,8 @@ def memit_bare_prompts() -> Iterator[None]:
     on a small model the generated prefixes are off-distribution text that changes the
     last-token key, so only the bare prompt is used (the cache is set for the call and put back).
     """
-    memit_main = importlib.import_module(_MEMIT_MODULES[2])
-    saved = memit_main.CONTEXT_TEMPLATES_CACHE
-    memit_main.CONTEXT_TEMPLATES_CACHE = [["{}"]]
-    try:
+    with patched(importlib.import_module(_MEMIT_MODULES[2]), CONTEXT_TEMPLATES_CACHE=[["{}"]]):
         yield
-    finally:
-        memit_main.CONTEXT_TEMPLATES_CACHE = saved
 
 
 # --------------------------------------------------------------------------- the editor

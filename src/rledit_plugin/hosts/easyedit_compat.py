@@ -242,3 +242,17 @@ def cpu_shim() -> Iterator[None]:
         yield
     finally:
         disable_cpu_shim()
+
+
+@contextlib.contextmanager
+def patched(owner: Any, **replacements: Any) -> Iterator[None]:
+    """``owner.<name> = value`` for each keyword while the block runs, the originals put back
+    after: how every host fix around one EasyEdit call is applied (EasyEdit itself is never edited)."""
+    saved = {name: getattr(owner, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(owner, name, value)

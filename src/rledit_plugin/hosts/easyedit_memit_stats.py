@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 from .easyedit import import_easyeditor
+from .easyedit_compat import patched
 
 
 def model_label(model) -> str:
@@ -130,9 +131,5 @@ def _refuse_download(*args, **kwargs):
 def offline_stats() -> Iterator[None]:
     """``layer_stats`` cannot download while this is active."""
     module = importlib.import_module("easyeditor.models.rome.layer_stats")
-    saved = module.load_dataset
-    module.load_dataset = _refuse_download
-    try:
+    with patched(module, load_dataset=_refuse_download):
         yield
-    finally:
-        module.load_dataset = saved
