@@ -120,6 +120,9 @@ def methods_for(device, dtype, rank, W, L, R, tuned=None):
 
         if tuned is None:  # the library's defaults, as the editor gets them
             out["auto"] = (lambda: apply_low_rank_(W, L, R, ALPHA), 0)
+            if rank <= 16:  # the small-rank fp32 modes side by side (sets OUTER_MAX_RANK)
+                out["triton outer"] = (kernel(L, R, "outer"), 0)
+                out["triton ieee"] = (kernel(L, R, "ieee"), 0)
             out["triton bf16x3"] = (kernel(L, R, "bf16x3"), 0)
             if dtype != torch.float32:
                 out["auto, 16-bit factors"] = (lambda: apply_low_rank_(W, Lw, Rw, ALPHA), 0)
@@ -185,10 +188,10 @@ def bench_grid(args, device, run, rows, deadline, tuned=None):
 SWEEP_SHAPES = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4),
                 (256, 64, 8, 4), (128, 64, 8, 3)]
 SWEEP_RANKS = {"native16": (1, 3, 16, 48, 64, 192, 256, 768, 1024), "tf32x3": (1, 16, 64, 256, 1024),
-               "ieee": (1, 16)}
+               "ieee": (1, 16), "outer": (1, 4, 8, 16)}
 
 
-def sweep_configs(device, run, rows, deadline, shape=(4096, 14336)):
+def sweep_configs(device, run, rows, deadline, shape=(4096, 14336), modes=None):
     """Time tile shapes per dot mode and rank on a bf16 W; returns {mode: [(rank, best config)]}."""
     from rledit_plugin.kernels.triton_path import KernelConfig, apply_low_rank_triton_
     gen = torch.Generator().manual_seed(1)
@@ -198,6 +201,8 @@ def sweep_configs(device, run, rows, deadline, shape=(4096, 14336)):
     t_copy = run(lambda: dst.copy_(W))
     best = {}
     for mode, ranks in SWEEP_RANKS.items():
+        if modes and mode not in modes:
+            continue
         for rank in ranks:
             L = (torch.randn(m, rank, generator=gen) / math.sqrt(rank)).to(device)
             R = torch.randn(rank, k, generator=gen).to(device)
@@ -240,7 +245,7 @@ def accuracy(device, rows, m=1024, k=2048, ranks=(64, 1024)):
         bound = L.abs() @ R.abs()
         cases = {"torch path (fp32)": dict(path="torch")}
         if triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-            for prec in ("ieee", "tf32x3", "bf16x3", "tf32"):
+            for prec in ("outer", "ieee", "tf32x3", "bf16x3", "tf32"):
                 cases[f"triton {prec}"] = dict(precision=prec)
             cases["triton 16-bit factors (bf16-rounded)"] = dict(precision=None, bf16=True)
         for name, kw in cases.items():
@@ -356,6 +361,8 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=3600.0,
                    help="grid: start no new point after this many seconds")
     p.add_argument("--sweep-budget-s", type=float, default=90.0)
+    p.add_argument("--sweep-modes", type=lambda s: s.split(","), default=None,
+                   help=f"sweep only these dot modes (of {','.join(SWEEP_RANKS)})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out-dir", default="bench/results")
     args = p.parse_args(argv)
@@ -387,7 +394,7 @@ def main(argv=None):
     tuned = None
     if args.sweep and device == "cuda" and triton_available():
         tuned = sweep_configs(device, timer(device, rep_ms=40), result["sweep"],
-                              time.time() + args.sweep_budget_s)
+                              time.time() + args.sweep_budget_s, modes=args.sweep_modes)
         result["tuned"] = {mode: [(rank, c.__dict__) for rank, c in pts] for mode, pts in tuned.items()}
         save()
     if not args.skip_grid:

@@ -281,7 +281,7 @@ def test_bf16x3_split_reconstructs_the_product():
     assert err.max() > 0  # and it is not exact: a genuine approximation
 
 
-@pytest.mark.parametrize("precision", ("ieee", "tf32x3", "tf32", "bf16x3"))
+@pytest.mark.parametrize("precision", ("outer", "ieee", "tf32x3", "tf32", "bf16x3"))
 def test_triton_interpreter_precisions(interpreter, precision):
     from rledit_plugin.kernels.triton_path import apply_low_rank_triton_
     gen = torch.Generator().manual_seed(10)
@@ -297,8 +297,13 @@ def test_triton_interpreter_precisions(interpreter, precision):
 def test_triton_default_modes_and_tile_lookup():
     if not triton_available():
         pytest.skip("triton is not importable")
-    from rledit_plugin.kernels.triton_path import GPU_CONFIGS, IEEE_MAX_RANK, dot_mode, nearest_config
+    from rledit_plugin.kernels.triton_path import (
+        GPU_CONFIGS, IEEE_MAX_RANK, OUTER_MAX_RANK, dot_mode, nearest_config)
     f32, b16 = torch.zeros(4, 64), torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert dot_mode(f32[:, :1], f32[:1], None) == "outer"
+    assert dot_mode(f32[:, :OUTER_MAX_RANK], f32[:OUTER_MAX_RANK], None) == "outer"
+    assert dot_mode(f32[:, :OUTER_MAX_RANK + 1], f32[:OUTER_MAX_RANK + 1], None) == "ieee"
+    assert dot_mode(f32[:, :1], f32[:1], "ieee") == "ieee"  # an explicit precision wins
     assert dot_mode(f32[:, :IEEE_MAX_RANK], f32[:IEEE_MAX_RANK], None) == "ieee"
     assert dot_mode(f32[:, :IEEE_MAX_RANK], f32[:IEEE_MAX_RANK], "bf16x3") == "bf16x3"
     assert dot_mode(torch.zeros(4, IEEE_MAX_RANK + 1), torch.zeros(IEEE_MAX_RANK + 1, 4), None) == "tf32x3"
@@ -458,7 +463,7 @@ def test_cuda_triton_matches_fp64(monkeypatch, dtype, layout, rank):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("precision", ("ieee", "tf32x3", "bf16x3"))
+@pytest.mark.parametrize("precision", ("outer", "ieee", "tf32x3", "bf16x3"))
 @pytest.mark.parametrize("factor_dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 def test_cuda_triton_factor_dtypes_and_precisions(monkeypatch, factor_dtype, precision):
     from rledit_plugin.kernels.triton_path import apply_low_rank_triton_

@@ -121,7 +121,8 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 def answer_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   rows: torch.Tensor, edited: Sequence[nn.Module] = ()) -> torch.Tensor:
-    """Logits ``(rows.sum(), vocab)`` at the positions where the bool mask ``rows`` is set.
+    """Logits ``(n, vocab)`` at the ``n`` positions ``rows`` selects (a bool mask, or the
+    tuple of its ``nonzero(as_tuple=True)`` indices: the same rows, without a GPU sync).
 
     The output head runs on those rows only: an edit or scoring batch has a few answer
     tokens among many prompt tokens, and the vocabulary projection is a large share of a

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.records import IGNORE_INDEX, answer_positions, answer_targets
+from ..data.records import IGNORE_INDEX, answer_positions
 from ..models import answer_logits
 
 
@@ -85,33 +85,34 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
     total_loss = 0.0
     with eval_mode(model), frozen_parameters(model), torch.enable_grad():
         for mb in _split(batch, minibatch):
-            mask = answer_positions(mb["labels"])
+            # index tensors once per minibatch: each boolean-mask indexing would wait for the GPU
+            rows = answer_positions(mb["labels"]).nonzero(as_tuple=True)
             outputs: Dict[str, torch.Tensor] = {}
             handles = []
             for name, module in modules.items():
                 def hook(mod, args, out, name=name):
-                    keys[name].append(at_least_fp32(args[0][mask].detach()))
+                    keys[name].append(at_least_fp32(args[0][rows].detach()))
                     if not out.requires_grad:   # first edited module: make it a leaf of the graph
                         out.requires_grad_(True)
                     outputs[name] = out
                     return out
                 handles.append(module.register_forward_hook(hook))
             try:
-                logits = answer_logits(model, mb["input_ids"], mb["attention_mask"], mask,
+                logits = answer_logits(model, mb["input_ids"], mb["attention_mask"], rows,
                                        edited=list(modules.values()))
             finally:
                 for h in handles:
                     h.remove()
-            loss = F.cross_entropy(at_least_fp32(logits), answer_targets(mb["labels"]),
-                                   reduction="sum") / n_answer
+            targets = mb["labels"][rows[0], rows[1] + 1]    # = answer_targets(labels), same order
+            loss = F.cross_entropy(at_least_fp32(logits), targets, reduction="sum") / n_answer
             names = list(outputs)
             out_grads = torch.autograd.grad(loss, [outputs[n] for n in names])
             for name, g in zip(names, out_grads):
-                grads[name].append(at_least_fp32(g[mask]))
-            total_loss += float(loss.detach())
+                grads[name].append(at_least_fp32(g[rows]))
+            total_loss = total_loss + loss.detach()
     cat_keys = {n: torch.cat(v) for n, v in keys.items()}
     cat_grads = {n: torch.cat(v) for n, v in grads.items()}
-    rows = {t.shape[0] for t in list(cat_keys.values()) + list(cat_grads.values())}
-    if len(rows) != 1:  # the reference's K/G row mismatch: never let it through
-        raise RuntimeError(f"captured key/gradient rows disagree: {sorted(rows)}")
-    return Capture(cat_keys, cat_grads, total_loss, rows.pop())
+    n_rows = {t.shape[0] for t in list(cat_keys.values()) + list(cat_grads.values())}
+    if len(n_rows) != 1:  # the reference's K/G row mismatch: never let it through
+        raise RuntimeError(f"captured key/gradient rows disagree: {sorted(n_rows)}")
+    return Capture(cat_keys, cat_grads, float(total_loss), n_rows.pop())

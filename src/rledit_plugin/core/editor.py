@@ -125,12 +125,17 @@ class RLEditor:
     def edited_param_names(self) -> List[str]:
         return [f"{n}.weight" for n in self.modules]
 
-    def compute_update(self, records: Sequence[EditRecord], update_norm: Optional[bool] = None) -> Update:
-        """Capture on the current model and predict the low-rank update (no weight change)."""
+    def compute_update(self, records: Sequence[EditRecord], update_norm: Optional[bool] = None,
+                       batch: Optional[Dict[str, torch.Tensor]] = None) -> Update:
+        """Capture on the current model and predict the low-rank update (no weight change).
+
+        ``batch``: ``records`` already tokenised by ``edit_batch`` (later rounds reuse it).
+        """
         if not records:
             raise ValueError("no records to edit")
         hp = self.hparams
-        batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
+        if batch is None:
+            batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
         cap = capture(self.model, self.modules, batch, minibatch=hp.edit_minibatch)
         update_norm = hp.lifelong_norm if update_norm is None else update_norm
         keys, coeffs, values, factors = {}, {}, {}, {}
@@ -163,9 +168,13 @@ class RLEditor:
 
         Only the first round may update the normaliser: later rounds see the same records.
         """
+        if not records:
+            raise ValueError("no records to edit")
+        batch = edit_batch(self.tok, records, self.hparams.max_length, device=model_device(self.model))
         rounds = []
         for step in range(self.hparams.edit_steps):
-            update = self.compute_update(records, update_norm=update_norm if step == 0 else False)
+            update = self.compute_update(records, update_norm=update_norm if step == 0 else False,
+                                         batch=batch)
             self.apply(update)
             rounds.append(update)
         return rounds

@@ -40,7 +40,7 @@ def _lowrank_update_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SOFT_BF16_W: tl.constexpr, SOFT_BF16_RES: tl.constexpr,
-    EARLY_W: tl.constexpr,
+    EARLY_W: tl.constexpr, OUTER: tl.constexpr,
 ):
     # Grouped tile order: neighbouring programs share rows of L and columns
     # of R, so the factor re-reads mostly hit L2.
@@ -75,18 +75,26 @@ def _lowrank_update_kernel(
             r_raw = tl.load(res_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
 
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_n = offs_n < N
-        a = tl.load(l_ptr + offs_m[:, None] * s_lm + offs_n[None, :] * s_ln,
-                    mask=in_m[:, None] & in_n[None, :], other=0.0)
-        b = tl.load(r_ptr + offs_n[:, None] * s_rn + offs_k[None, :] * s_rk,
-                    mask=in_n[:, None] & in_k[None, :], other=0.0)
-        if FP32_DOT:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            # 16-bit factors: products are exact in fp32, accumulation is fp32.
-            acc = tl.dot(a, b, acc)
+    if OUTER:
+        # Small ranks: one fp32 outer product per rank, no padding of the rank to
+        # a dot's minimum width (16), so rank 1 costs one FMA per element.
+        for n in range(0, N):
+            a = tl.load(l_ptr + offs_m * s_lm + n * s_ln, mask=in_m, other=0.0)
+            b = tl.load(r_ptr + n * s_rn + offs_k * s_rk, mask=in_k, other=0.0)
+            acc += a.to(tl.float32)[:, None] * b.to(tl.float32)[None, :]
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            in_n = offs_n < N
+            a = tl.load(l_ptr + offs_m[:, None] * s_lm + offs_n[None, :] * s_ln,
+                        mask=in_m[:, None] & in_n[None, :], other=0.0)
+            b = tl.load(r_ptr + offs_n[:, None] * s_rn + offs_k[None, :] * s_rk,
+                        mask=in_n[:, None] & in_k[None, :], other=0.0)
+            if FP32_DOT:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                # 16-bit factors: products are exact in fp32, accumulation is fp32.
+                acc = tl.dot(a, b, acc)
 
     if not EARLY_W:
         w_raw = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
@@ -134,15 +142,18 @@ class KernelConfig:
     early_w: bool = True  # load the W tile before the rank loop
 
 
-# Dot modes: "native16" (16-bit factors straight to the tensor cores), or fp32
+# Dot modes: "native16" (16-bit factors straight to the tensor cores), "outer"
+# (fp32 factors, one exact outer product per rank on the CUDA cores: no
+# padding of the rank to tl.dot's minimum of 16), or fp32
 # factors through tl.dot at input precision "ieee" (exact fp32 FMA), "tf32x3"
 # (three tf32 products, ~fp32 accuracy) or "tf32" (~2^-11, opt-in only), or
 # "bf16x3" (fp32 factors split on the host into bf16 hi + lo parts, run as a
 # native16 update of rank 3N: hi*hi + hi*lo + lo*hi, ~5e-6 relative error,
-# accumulated in fp32; opt-in). Default for fp32 factors: "ieee" up to rank
-# IEEE_MAX_RANK (exact and the fastest there), "tf32x3" above (ieee is
-# compute-bound there). See docs/BENCHMARKS.md.
-FP32_PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16x3")
+# accumulated in fp32; opt-in). Default for fp32 factors: "outer" up to rank
+# OUTER_MAX_RANK, "ieee" up to IEEE_MAX_RANK (exact and the fastest there),
+# "tf32x3" above (ieee is compute-bound there). See docs/BENCHMARKS.md.
+FP32_PRECISIONS = ("outer", "ieee", "tf32x3", "tf32", "bf16x3")
+OUTER_MAX_RANK = 8
 IEEE_MAX_RANK = 64
 
 
@@ -164,6 +175,8 @@ GPU_CONFIGS = {
                (64, _cfg(128, 64, 32, 4, 4, False)), (256, _cfg(256, 64, 32, 8, 4, False)),
                (1024, _cfg(256, 64, 32, 8, 4, False))],
     "ieee": [(1, _cfg(64, 64, 16, 4, 4, False)), (16, _cfg(64, 128, 16, 4, 3, False))],
+    # not yet swept: native16's rank-1 winner (one FMA per element, like it)
+    "outer": [(1, _cfg(64, 128, 16, 4, 3, True))],
 }
 
 
@@ -191,7 +204,8 @@ def split_bf16x3(left: torch.Tensor, right: torch.Tensor):
 def dot_mode(left: torch.Tensor, right: torch.Tensor, precision: Optional[str]) -> str:
     if left.dtype == right.dtype and left.dtype in (torch.float16, torch.bfloat16):
         return "native16"
-    prec = precision or ("ieee" if left.shape[1] <= IEEE_MAX_RANK else "tf32x3")
+    rank = left.shape[1]
+    prec = precision or ("outer" if rank <= OUTER_MAX_RANK else "ieee" if rank <= IEEE_MAX_RANK else "tf32x3")
     if prec not in FP32_PRECISIONS:
         raise ValueError(f"apply_low_rank_triton_: precision must be one of {FP32_PRECISIONS}, got {prec!r}")
     return prec
@@ -228,8 +242,9 @@ def apply_low_rank_triton_(
         mode = "native16"
     n_rank = left.shape[1]
     cfg = config or default_config(n_rank, mode, on_cpu)
+    outer = mode == "outer"
     fp32_dot = mode != "native16"
-    prec = mode if fp32_dot else "ieee"
+    prec = mode if fp32_dot and not outer else "ieee"
     if soft and not fp32_dot and left.dtype == torch.bfloat16:
         # The interpreter's bf16 dot reads the raw bits as integers (triton
         # 3.9); upcasting bf16 to fp32 is exact, so the result is unchanged.
@@ -248,6 +263,6 @@ def apply_low_rank_triton_(
             PRECISION=prec,
             SOFT_BF16_W=soft and weight.dtype == torch.bfloat16,
             SOFT_BF16_RES=soft and residual is not None and residual.dtype == torch.bfloat16,
-            EARLY_W=cfg.early_w, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            EARLY_W=cfg.early_w, OUTER=outer, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
