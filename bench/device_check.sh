@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks, as one call on a lent device machine (its own torch/triton/transformers;
 # this checkout on PYTHONPATH, the tiny LM carried in .cache/rledit):
-#   CUDA kernel tests -> tile sweep of the small-rank "outer" mode -> kernel grid with the
-#   library defaults -> edit turn vs forward+backward on the GPU.
-# Usage there: bash bench/device_check.sh    (writes under $OUT, else bench/results/device)
+#   bash bench/device_check.sh             CUDA kernel tests -> tile sweep of the small-rank
+#                                          "outer" mode -> kernel grid with the library defaults
+#                                          -> edit turn vs forward+backward on the GPU
+#   bash bench/device_check.sh small-ranks CUDA kernel tests -> kernel grid at ranks 1-8, both
+#                                          shapes (after a change of the small-rank rule/tiles)
+# Writes under $OUT (the device tool's folder), else bench/results/device.
 # Each step has its own time limit, so one failing step still leaves the others' numbers.
 set -u
+MODE=${1:-full}
 OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT/sweep"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 RLEDIT_CACHE=$PWD/.cache/rledit
-exec > >(tee "$OUT/device_log.txt") 2>&1
+exec > >(tee "$OUT/device_log_$MODE.txt") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 step() { local limit=$1; shift; echo "== $* (limit ${limit}s)"; local t0=$SECONDS
          timeout "$limit" "$@"; echo "== rc $? after $((SECONDS - t0)) s"; }
 step 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda or default_modes"
+if [ "$MODE" = small-ranks ]; then
+    step 150 python3 bench/bench_kernels.py --device cuda --shapes 4096x14336,14336x4096 --dtypes bf16,fp32 \
+        --ranks 1,2,4,8 --budget-s 100 --survival-updates 0 --out-dir "$OUT"
+    exit 0
+fi
 step 60 python3 bench/bench_kernels.py --device cuda --sweep --sweep-modes outer --sweep-budget-s 40 \
     --skip-grid --survival-updates 0 --out-dir "$OUT/sweep"
 step 170 python3 bench/bench_kernels.py --device cuda --shapes 4096x14336 --dtypes bf16,fp32 \

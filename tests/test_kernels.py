@@ -300,10 +300,12 @@ def test_triton_default_modes_and_tile_lookup():
     from rledit_plugin.kernels.triton_path import (
         GPU_CONFIGS, IEEE_MAX_RANK, OUTER_MAX_RANK, dot_mode, nearest_config)
     f32, b16 = torch.zeros(4, 64), torch.zeros(4, 64, dtype=torch.bfloat16)
-    assert dot_mode(f32[:, :1], f32[:1], None) == "outer"
-    assert dot_mode(f32[:, :OUTER_MAX_RANK], f32[:OUTER_MAX_RANK], None) == "outer"
-    assert dot_mode(f32[:, :OUTER_MAX_RANK + 1], f32[:OUTER_MAX_RANK + 1], None) == "ieee"
-    assert dot_mode(f32[:, :1], f32[:1], "ieee") == "ieee"  # an explicit precision wins
+    bf16 = torch.bfloat16
+    assert dot_mode(f32[:, :1], f32[:1], None, bf16) == "outer"
+    assert dot_mode(f32[:, :OUTER_MAX_RANK], f32[:OUTER_MAX_RANK], None, torch.float16) == "outer"
+    assert dot_mode(f32[:, :OUTER_MAX_RANK + 1], f32[:OUTER_MAX_RANK + 1], None, bf16) == "ieee"
+    assert dot_mode(f32[:, :1], f32[:1], None, torch.float32) == "ieee"  # fp32 W: ieee is as fast
+    assert dot_mode(f32[:, :1], f32[:1], "ieee", bf16) == "ieee"  # an explicit precision wins
     assert dot_mode(f32[:, :IEEE_MAX_RANK], f32[:IEEE_MAX_RANK], None) == "ieee"
     assert dot_mode(f32[:, :IEEE_MAX_RANK], f32[:IEEE_MAX_RANK], "bf16x3") == "bf16x3"
     assert dot_mode(torch.zeros(4, IEEE_MAX_RANK + 1), torch.zeros(IEEE_MAX_RANK + 1, 4), None) == "tf32x3"

@@ -150,7 +150,7 @@ class KernelConfig:
 # "bf16x3" (fp32 factors split on the host into bf16 hi + lo parts, run as a
 # native16 update of rank 3N: hi*hi + hi*lo + lo*hi, ~5e-6 relative error,
 # accumulated in fp32; opt-in). Default for fp32 factors: "outer" up to rank
-# OUTER_MAX_RANK, "ieee" up to IEEE_MAX_RANK (exact and the fastest there),
+# OUTER_MAX_RANK on 16-bit W, "ieee" up to IEEE_MAX_RANK (exact and the fastest there),
 # "tf32x3" above (ieee is compute-bound there). See docs/BENCHMARKS.md.
 FP32_PRECISIONS = ("outer", "ieee", "tf32x3", "tf32", "bf16x3")
 OUTER_MAX_RANK = 8
@@ -175,8 +175,9 @@ GPU_CONFIGS = {
                (64, _cfg(128, 64, 32, 4, 4, False)), (256, _cfg(256, 64, 32, 8, 4, False)),
                (1024, _cfg(256, 64, 32, 8, 4, False))],
     "ieee": [(1, _cfg(64, 64, 16, 4, 4, False)), (16, _cfg(64, 128, 16, 4, 3, False))],
-    # not yet swept: native16's rank-1 winner (one FMA per element, like it)
-    "outer": [(1, _cfg(64, 128, 16, 4, 3, True))],
+    # swept on an NVIDIA H100 (triton 3.6; bench/device_check.sh); block_n is unused here
+    "outer": [(1, _cfg(64, 128, 16, 4, 3, True)), (2, _cfg(128, 64, 16, 4, 4, False)),
+              (4, _cfg(128, 64, 16, 4, 4, False)), (8, _cfg(128, 64, 16, 4, 4, False))],
 }
 
 
@@ -201,11 +202,16 @@ def split_bf16x3(left: torch.Tensor, right: torch.Tensor):
     return torch.cat([lh, lh, ll], dim=1), torch.cat([rh, rl, rh], dim=0)
 
 
-def dot_mode(left: torch.Tensor, right: torch.Tensor, precision: Optional[str]) -> str:
+def dot_mode(left: torch.Tensor, right: torch.Tensor, precision: Optional[str],
+             weight_dtype: torch.dtype = torch.float32) -> str:
+    """The dot mode of a launch; the default rule follows the H100 measurements (BENCHMARKS)."""
     if left.dtype == right.dtype and left.dtype in (torch.float16, torch.bfloat16):
         return "native16"
-    rank = left.shape[1]
-    prec = precision or ("outer" if rank <= OUTER_MAX_RANK else "ieee" if rank <= IEEE_MAX_RANK else "tf32x3")
+    rank, w16 = left.shape[1], weight_dtype in (torch.float16, torch.bfloat16)
+    # outer wins only for 16-bit W (same bytes as a copy, so the tile's arithmetic shows);
+    # for fp32 W ieee matches it at rank 1 and beats it at 2-8
+    prec = precision or ("outer" if w16 and rank <= OUTER_MAX_RANK
+                         else "ieee" if rank <= IEEE_MAX_RANK else "tf32x3")
     if prec not in FP32_PRECISIONS:
         raise ValueError(f"apply_low_rank_triton_: precision must be one of {FP32_PRECISIONS}, got {prec!r}")
     return prec
@@ -236,7 +242,7 @@ def apply_low_rank_triton_(
         return out
     weight, left, right, residual = normalise_layout(weight, left, right, residual)
     n_rows, n_cols = weight.shape
-    mode = dot_mode(left, right, precision)
+    mode = dot_mode(left, right, precision, weight.dtype)
     if mode == "bf16x3":
         left, right = split_bf16x3(left, right)
         mode = "native16"
