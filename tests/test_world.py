@@ -268,3 +268,33 @@ def test_llama_option_trains_and_loads(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
                               loaded(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits)
+
+
+def test_quick_model_name_stands_for_the_small_world(world, monkeypatch, tmp_path):
+    from rledit_plugin import models
+    quick = models.embedded_world("embedded-tiny-gpt2-quick")
+    assert {s: len(quick.records(s)) for s in SPLITS} == {"train": 400, "val": 200, "eval": 400}
+    assert models.embedded_world("embedded-tiny-gpt2").fingerprint() == world.fingerprint()
+    assert quick.fingerprint() != world.fingerprint()
+    seen = []
+
+    def fake_load(w, arch="gpt2", cache_dir=None, **_):   # records which world would be trained
+        seen.append((w.fingerprint(), arch))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(tiny_lm, "load_or_train_tiny_lm", fake_load)
+    import rledit_plugin.world as world_pkg
+    monkeypatch.setattr(world_pkg, "load_or_train_tiny_lm", fake_load)
+    for name in ("embedded-tiny-llama-quick", "embedded-tiny-gpt2"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            models.load_model_and_tokenizer(name)
+    assert seen == [(quick.fingerprint(), "llama"), (world.fingerprint(), "gpt2")]
+
+
+def test_demo_refuses_a_model_that_is_not_the_embedded_one(tmp_path):
+    from rledit_plugin import cli
+    src = open(os.path.join(os.path.dirname(__file__), "..", "hparams", "TRAINING", "RLEdit", "tiny.yaml")).read()
+    bad = tmp_path / "other.yaml"
+    bad.write_text(src.replace("embedded-tiny-gpt2", str(tmp_path / "my-model")))
+    with pytest.raises(SystemExit, match="embedded tiny LM"):
+        cli.main(["demo", "--hparams", str(bad), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()   # refused before writing anything

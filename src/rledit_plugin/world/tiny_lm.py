@@ -12,21 +12,20 @@ model path (EasyEdit included) can load it.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..data.records import IGNORE_INDEX, EditRecord, tokenize_teacher_forced
 from .facts import SPLITS, World, build_world
+from .pretrain import encode_corpus, length_buckets, one_thread, train_loop
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -183,84 +182,18 @@ def fact_accuracy(model, tok, records: Sequence[EditRecord], batch_size: int = 2
 
 # ---------------------------------------------------------------------------- training
 
-@contextlib.contextmanager
-def _one_thread():
-    """Pre-training always runs on one intra-op thread.
-
-    The thread count changes float reductions, so a model pre-trained on two threads differs
-    from one pre-trained on one (and so do every number measured on it); choosing by machine
-    load made two runs of the same command disagree.  One thread is also the fast choice
-    whenever the cores are shared: small matrices on oversubscribed cores made torch's pool
-    fight the other processes (2-core dev box, load ~5: 52 vs 1423 lines/s with 2 threads vs 1);
-    on an idle 2-core machine it costs ~35% (126 s on two threads, ~170 s on one).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _encode_corpus(world: World, tok) -> List[Tuple[List[int], List[bool], List[bool]]]:
-    """Every training line as (token ids + eos, loss mask, answer mask).
-
-    Questions are tokenised exactly as :func:`tokenize_teacher_forced` does
-    (prompt, then " " + answer), so training and evaluation see the same ids.
-    The subject's tokens get no loss: which invented name comes next is pure
-    noise, and it would keep shoving the output head around for nothing.
-    """
-    eos = tok.eos_token_id
-    subject_ids = {s: tok(" " + s, add_special_tokens=False)["input_ids"]
-                   for s in (f.subject for f in world.all_facts())}
-
-    def line(ids, answer_len, subject):
-        ids = ids + [eos]
-        learn = [True] * len(ids)
-        sub = subject_ids[subject]
-        for i in range(len(ids) - len(sub) + 1):
-            if ids[i:i + len(sub)] == sub:
-                learn[i:i + len(sub)] = [False] * len(sub)
-                break
-        answer = [False] * (len(ids) - 1 - answer_len) + [True] * answer_len + [False]
-        return ids, learn, answer
-
-    lines = [line(tok(f.sentence(), add_special_tokens=False)["input_ids"], 0, f.subject)
-             for f in world.all_facts()]
-    for fact, question in world.fact_questions():
-        p = tok(question, add_special_tokens=True)["input_ids"]
-        a = tok(" " + fact.object, add_special_tokens=False)["input_ids"]
-        lines.append(line(p + a, len(a), fact.subject))
-    return lines
-
-
-def _length_buckets(lines, batch_size: int, gen: torch.Generator) -> List[List[int]]:
-    """Batches of equal-length lines (no padding), in a seeded random order."""
-    by_len: Dict[int, List[int]] = {}
-    for i, (ids, _, _) in enumerate(lines):
-        by_len.setdefault(len(ids), []).append(i)
-    batches = []
-    for length in sorted(by_len):
-        idx = by_len[length]
-        perm = torch.randperm(len(idx), generator=gen).tolist()
-        idx = [idx[j] for j in perm]
-        batches.extend(idx[k:k + batch_size] for k in range(0, len(idx), batch_size))
-    order = torch.randperm(len(batches), generator=gen).tolist()
-    return [batches[j] for j in order]
-
-
 def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLMConfig] = None,
                   progress: bool = True):
     """Pre-train a fresh tiny LM on the world; returns ``(model, stats)``."""
     cfg = config or TinyLMConfig.for_arch(arch)
     model = build_model(tok, arch, cfg, seed=cfg.seed)
     model.train()
-    lines = _encode_corpus(world, tok)
+    lines = encode_corpus(world, tok)
     too_long = max(len(ids) for ids, _, _ in lines)
     if too_long > cfg.max_positions:
         raise ValueError(f"a training line has {too_long} tokens > max_positions={cfg.max_positions}")
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = len(_length_buckets(lines, cfg.batch_size, torch.Generator()))
+    steps_per_epoch = len(length_buckets(lines, cfg.batch_size, torch.Generator()))
     total_steps = steps_per_epoch * cfg.epochs
     embed = model.get_input_embeddings().weight
     decay, no_decay = [], []
@@ -279,56 +212,11 @@ def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLM
         return 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
-    with _one_thread():
-        stats = _train_loop(model, lines, cfg, optim, sched, gen, total_steps,
+    with one_thread():
+        stats = train_loop(model, lines, cfg, optim, sched, gen, total_steps,
                             f"pre-training tiny {arch} (1 thread)", progress)
     model.eval()
     return model, dict(stats, threads=1)
-
-
-def _train_loop(model, lines, cfg, optim, sched, gen, total_steps, desc, progress):
-    from tqdm.auto import tqdm
-
-    body, head = model.base_model, model.get_output_embeddings()
-    start, cpu_start, step, history = time.time(), time.process_time(), 0, []
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, unit="step", leave=False)
-    for epoch in range(cfg.epochs):
-        correct = answered = 0
-        loss_sum, n_tokens = 0.0, 0
-        for idx in _length_buckets(lines, cfg.batch_size, gen):
-            input_ids = torch.tensor([lines[j][0] for j in idx])
-            learn = torch.tensor([lines[j][1] for j in idx])[:, 1:]
-            is_answer = torch.tensor([lines[j][2] for j in idx])[:, 1:]
-            hidden = body(input_ids=input_ids)[0][:, :-1]
-            # The output layer only where a token is learned (cheaper than full logits).
-            logits = head(hidden[learn])
-            targets = input_ids[:, 1:][learn]
-            answer_rows = is_answer[learn]
-            weights = 1.0 + (cfg.answer_weight - 1.0) * answer_rows.float()
-            token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-            loss = (token_loss * weights).sum() / weights.sum()
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            step += 1
-            with torch.no_grad():   # running answer accuracy, teacher-forced
-                hit = logits.argmax(-1) == targets
-                correct += (hit & answer_rows).sum().item()
-                answered += answer_rows.sum().item()
-            loss_sum += loss.item() * len(targets)
-            n_tokens += len(targets)
-            bar.update(1)
-        epoch_acc = correct / max(answered, 1)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / n_tokens,
-                        "answer_accuracy": epoch_acc, "seconds": time.time() - start})
-        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n_tokens:.3f}", acc=f"{epoch_acc:.3f}")
-        if cfg.stop_accuracy is not None and epoch_acc >= cfg.stop_accuracy:
-            break
-    bar.close()
-    return {"seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu_start,
-            "epochs": len(history), "steps": step, "history": history}
 
 
 # ---------------------------------------------------------------------------- cache
