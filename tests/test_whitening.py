@@ -85,3 +85,28 @@ def test_whitening_needs_statistics_and_reads_text_files(random_gpt2, tmp_path):
     assert RLEditor(copy.deepcopy(model), tok, hp).hypernet.whitened
     with pytest.raises(HParamsError, match="whitening_damping"):
         RLEditHyperParams.from_dict({"whitening_damping": 0}, source="x.yaml")
+
+
+def test_later_rounds_reuse_the_whitened_keys_only_where_the_keys_are_unchanged(random_gpt2, world):
+    model, tok = random_gpt2
+    names = ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+    hp = RLEditHyperParams(inner_params=names, rank=8, n_blocks=1, init_lr=1e-2, max_length=48,
+                           key_whitening=True, whitening_damping=0.05, edit_steps=2)
+    texts = record_texts(world.train_records[:8])
+    records = world.eval_records[:3]
+    reusing = RLEditor(copy.deepcopy(model), tok, hp, whitening_texts=texts)
+    first, second = reusing.edit_rounds(records)
+    # h.0 comes first in the forward: no edit reaches its input, so its keys repeat exactly
+    assert torch.equal(first.capture.keys[names[0]], second.capture.keys[names[0]])
+    assert second.solve_keys[names[0]] is first.solve_keys[names[0]]
+    # h.1's input passes through the edited h.0: new keys, whitened afresh
+    assert not torch.equal(first.capture.keys[names[1]], second.capture.keys[names[1]])
+    s = reusing.hypernet.whitening(names[1])
+    torch.testing.assert_close(second.keys[names[1]], second.capture.keys[names[1]] @ s @ s,
+                               rtol=1e-5, atol=1e-6)
+    # and the weights are bit-identical to rounds computed without any reuse
+    plain = RLEditor(copy.deepcopy(model), tok, hp, whitening_texts=texts)
+    for step in range(2):
+        plain.apply(plain.compute_update(records, update_norm=None if step == 0 else False))
+    for name in names:
+        assert torch.equal(reusing.modules[name].weight, plain.modules[name].weight)

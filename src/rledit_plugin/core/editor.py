@@ -42,6 +42,7 @@ class Update:
     capture: Optional[Capture] = None
     values: Dict[str, torch.Tensor] = field(default_factory=dict)  # D, (N, d_out)
     factors: Dict[str, GramFactor] = field(default_factory=dict)   # reused by the trainer's backward
+    solve_keys: Dict[str, torch.Tensor] = field(default_factory=dict)  # K S (whitened), or K
     rounds: Optional[List[int]] = None   # journal: rows of each edit round, stacked (edit_steps > 1)
 
     def split_rounds(self) -> List["Update"]:
@@ -126,10 +127,14 @@ class RLEditor:
         return [f"{n}.weight" for n in self.modules]
 
     def compute_update(self, records: Sequence[EditRecord], update_norm: Optional[bool] = None,
-                       batch: Optional[Dict[str, torch.Tensor]] = None) -> Update:
+                       batch: Optional[Dict[str, torch.Tensor]] = None,
+                       previous: Optional[Update] = None) -> Update:
         """Capture on the current model and predict the low-rank update (no weight change).
 
         ``batch``: ``records`` already tokenised by ``edit_batch`` (later rounds reuse it).
+        ``previous``: the last round's update of the same records; a module whose keys came
+        back bit-identical (the first edited module in forward order: no edit precedes its
+        input) reuses that round's whitened keys instead of two N x d_in x d_in products.
         """
         if not records:
             raise ValueError("no records to edit")
@@ -138,7 +143,7 @@ class RLEditor:
             batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
         cap = capture(self.model, self.modules, batch, minibatch=hp.edit_minibatch)
         update_norm = hp.lifelong_norm if update_norm is None else update_norm
-        keys, coeffs, values, factors = {}, {}, {}, {}
+        keys, coeffs, values, factors, solve_keys = {}, {}, {}, {}, {}
         with torch.no_grad():
             for name in self.modules:
                 k, g = cap.keys[name], cap.grads[name]
@@ -146,14 +151,18 @@ class RLEditor:
                     self.hypernet.update_norm(name, k, g)
                 d = self.hypernet.values(name, k, g)
                 s = self.hypernet.whitening(name)
-                if s is not None:
+                if s is None:
+                    solve_keys[name] = keys[name] = k
+                elif previous is not None and torch.equal(previous.capture.keys[name], k):
+                    solve_keys[name], keys[name] = previous.solve_keys[name], previous.keys[name]
+                else:
                     s = s.to(k.dtype)
-                k_solve = k if s is None else k @ s                 # whitened keys K S
-                coeffs[name], factors[name] = ridge_dual(k_solve, d, self.hypernet.lam(name),
+                    solve_keys[name] = k @ s                        # whitened keys K S
+                    keys[name] = solve_keys[name] @ s               # right factor K S^2
+                coeffs[name], factors[name] = ridge_dual(solve_keys[name], d, self.hypernet.lam(name),
                                                          return_factor=True)
-                keys[name] = k if s is None else k_solve @ s        # right factor K S^2
                 values[name] = d
-        return Update(keys, coeffs, cap, values, factors)
+        return Update(keys, coeffs, cap, values, factors, solve_keys=solve_keys)
 
     def apply(self, update: Update, alpha: float = 1.0) -> None:
         """``W += alpha * dW`` for every edited module, in place, low rank."""
@@ -174,7 +183,7 @@ class RLEditor:
         rounds = []
         for step in range(self.hparams.edit_steps):
             update = self.compute_update(records, update_norm=update_norm if step == 0 else False,
-                                         batch=batch)
+                                         batch=batch, previous=rounds[-1] if rounds else None)
             self.apply(update)
             rounds.append(update)
         return rounds
