@@ -37,11 +37,12 @@ class EditMemoryEditor(RLEditor):
 
     mu = 0.0
 
-    def compute_update(self, records, update_norm=None):
+    def compute_update(self, records, update_norm=None, batch=None, previous=None):
         if not hasattr(self, "inverse"):
             self.inverse = {n: self.hypernet.whitening(n).double() @ self.hypernet.whitening(n).double()
                             for n in self.modules}                       # A^-1 = S^2
-        batch = edit_batch(self.tok, records, self.hparams.max_length, device=model_device(self.model))
+        if batch is None:
+            batch = edit_batch(self.tok, records, self.hparams.max_length, device=model_device(self.model))
         cap = capture(self.model, self.modules, batch, minibatch=self.hparams.edit_minibatch)
         keys, coeffs = {}, {}
         with torch.no_grad():
