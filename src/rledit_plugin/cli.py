@@ -51,14 +51,13 @@ def _train_records(hp, world_records, path_attr: str):
 def cmd_train(args) -> int:
     from .core.trainer import train_hypernetwork
     from .hparams import RLEditTrainingHyperParams
-    from .models import load_model_and_tokenizer
-    from .world import build_world
+    from .models import embedded_world, load_model_and_tokenizer
     hp = RLEditTrainingHyperParams.from_hparams(args.hparams or _default_hparams("TRAINING/RLEdit/tiny.yaml"))
     for key in ("train_data", "val_data", "results_dir", "n_trajectories"):
         if getattr(args, key, None) is not None:
             setattr(hp, key, getattr(args, key))
     model, tok = load_model_and_tokenizer(hp.model_name, hp.device, hp.torch_dtype)
-    world = build_world() if not (hp.train_data and hp.val_data) else None
+    world = embedded_world(hp.model_name) if not (hp.train_data and hp.val_data) else None
     train = _train_records(hp, world.train_records if world else None, "train_data")
     val = _train_records(hp, world.val_records if world else None, "val_data")
     start = time.perf_counter()
@@ -89,13 +88,13 @@ def cmd_edit(args) -> int:
     from .core.whitening import record_texts
     from .data.formats import load_records
     from .hparams import RLEditHyperParams
-    from .world import build_world
+    from .models import embedded_world
     hp = RLEditHyperParams.from_hparams(args.hparams or _default_hparams("RLEdit/tiny.yaml"))
     if args.archive:
         hp.archive = args.archive
     if not hp.archive:
         logging.warning("no archive given: editing with an UNTRAINED hypernetwork")
-    world = None if args.data else build_world()
+    world = None if args.data else embedded_world(hp.model_name)
     records = load_records(args.data, format=args.format) if args.data else world.eval_records
     heldout = world.heldout_corpus if world is not None else None
     # an untrained, whitened hypernetwork measures its key statistics on the world's train split

@@ -6,7 +6,7 @@ Two layouts exist.  ``nn.Linear`` stores its weight ``(d_out, d_in)``; GPT-2's
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -120,7 +120,8 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 
 def answer_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  rows: torch.Tensor, edited: Sequence[nn.Module] = ()) -> torch.Tensor:
+                  rows: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
+                  edited: Sequence[nn.Module] = ()) -> torch.Tensor:
     """Logits ``(n, vocab)`` at the ``n`` positions ``rows`` selects (a bool mask, or the
     tuple of its ``nonzero(as_tuple=True)`` indices: the same rows, without a GPU sync).
 
@@ -162,7 +163,8 @@ QUICK_SUFFIX = "-quick"
 
 def embedded_world(name: str):
     """The synthetic world an ``embedded...`` model name stands for (``...-quick``: the
-    small world of ``rledit demo --quick``; otherwise the default world)."""
+    small world of ``rledit demo --quick``); the default world for any other name (the
+    CLI's default data, whatever the model)."""
     from .world import WorldConfig, build_world
     return build_world(WorldConfig.quick() if name.endswith(QUICK_SUFFIX) else None)
 
