@@ -191,8 +191,11 @@ SWEEP_RANKS = {"native16": (1, 3, 16, 48, 64, 192, 256, 768, 1024), "tf32x3": (1
                "ieee": (1, 16), "outer": (1, 4, 8, 16)}
 
 
-def sweep_configs(device, run, rows, deadline, shape=(4096, 14336), modes=None):
-    """Time tile shapes per dot mode and rank on a bf16 W; returns {mode: [(rank, best config)]}."""
+def sweep_configs(device, run, rows, deadline, shape=(4096, 14336), modes=None, ranks=None,
+                  tiles=None):
+    """Time tile shapes per dot mode and rank on a bf16 W; returns {mode: [(rank, best config)]}.
+
+    ``modes`` / ``ranks`` restrict SWEEP_RANKS; ``tiles`` replaces SWEEP_SHAPES."""
     from rledit_plugin.kernels.triton_path import KernelConfig, apply_low_rank_triton_
     gen = torch.Generator().manual_seed(1)
     m, k = shape
@@ -200,16 +203,19 @@ def sweep_configs(device, run, rows, deadline, shape=(4096, 14336), modes=None):
     dst = torch.empty_like(W)
     t_copy = run(lambda: dst.copy_(W))
     best = {}
-    for mode, ranks in SWEEP_RANKS.items():
+    only_ranks = ranks
+    for mode, mode_ranks in SWEEP_RANKS.items():
         if modes and mode not in modes:
             continue
-        for rank in ranks:
+        for rank in mode_ranks:
+            if only_ranks and rank not in only_ranks:
+                continue
             L = (torch.randn(m, rank, generator=gen) / math.sqrt(rank)).to(device)
             R = torch.randn(rank, k, generator=gen).to(device)
             if mode == "native16":
                 L, R = L.bfloat16(), R.bfloat16()
             block_n = 16 if rank <= 16 else (64 if mode == "native16" else 32)
-            for bm, bk, warps, stages in SWEEP_SHAPES:
+            for bm, bk, warps, stages in (tiles or SWEEP_SHAPES):
                 for early in (True, False):
                     if time.time() > deadline:
                         print("[budget] sweep stopped", flush=True)
@@ -224,6 +230,8 @@ def sweep_configs(device, run, rows, deadline, shape=(4096, 14336), modes=None):
                     rows.append(dict(mode=mode, rank=rank, config=cfg.__dict__, ms=t * 1e3,
                                      pct_copy=100.0 * t_copy / t))
                     best.setdefault(mode, {}).setdefault(rank, []).append((t, cfg))
+            if rank not in best.get(mode, {}):
+                continue
             t_best, c_best = min(best[mode][rank], key=lambda x: x[0])
             print(f"sweep {mode} r={rank}: best {c_best} {t_best * 1e3:.3f} ms "
                   f"({100.0 * t_copy / t_best:.0f}% of copy)", flush=True)
@@ -363,6 +371,10 @@ def main(argv=None):
     p.add_argument("--sweep-budget-s", type=float, default=90.0)
     p.add_argument("--sweep-modes", type=lambda s: s.split(","), default=None,
                    help=f"sweep only these dot modes (of {','.join(SWEEP_RANKS)})")
+    p.add_argument("--sweep-ranks", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="sweep only these ranks (of each mode's SWEEP_RANKS)")
+    p.add_argument("--sweep-tiles", default=None,
+                   help="tile shapes BMxBKxWARPSxSTAGES,... instead of SWEEP_SHAPES")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out-dir", default="bench/results")
     args = p.parse_args(argv)
@@ -394,7 +406,10 @@ def main(argv=None):
     tuned = None
     if args.sweep and device == "cuda" and triton_available():
         tuned = sweep_configs(device, timer(device, rep_ms=40), result["sweep"],
-                              time.time() + args.sweep_budget_s, modes=args.sweep_modes)
+                              time.time() + args.sweep_budget_s, modes=args.sweep_modes,
+                              ranks=args.sweep_ranks,
+                              tiles=[tuple(int(x) for x in t.split("x")) for t in args.sweep_tiles.split(",")]
+                              if args.sweep_tiles else None)
         result["tuned"] = {mode: [(rank, c.__dict__) for rank, c in pts] for mode, pts in tuned.items()}
         save()
     if not args.skip_grid:
