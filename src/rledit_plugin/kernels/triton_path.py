@@ -153,7 +153,7 @@ class KernelConfig:
 # OUTER_MAX_RANK on 16-bit W, "ieee" up to IEEE_MAX_RANK (exact and the fastest there),
 # "tf32x3" above (ieee is compute-bound there). See docs/BENCHMARKS.md.
 FP32_PRECISIONS = ("outer", "ieee", "tf32x3", "tf32", "bf16x3")
-OUTER_MAX_RANK = 8
+OUTER_MAX_RANK = 4
 IEEE_MAX_RANK = 64
 
 
@@ -174,10 +174,11 @@ GPU_CONFIGS = {
     "tf32x3": [(1, _cfg(128, 64, 16, 8, 3, False)), (16, _cfg(128, 64, 16, 4, 4, True)),
                (64, _cfg(128, 64, 32, 4, 4, False)), (256, _cfg(256, 64, 32, 8, 4, False)),
                (1024, _cfg(256, 64, 32, 8, 4, False))],
-    "ieee": [(1, _cfg(64, 64, 16, 4, 4, False)), (16, _cfg(64, 128, 16, 4, 3, False))],
+    "ieee": [(1, _cfg(64, 64, 16, 4, 4, False)), (16, _cfg(32, 128, 16, 4, 4, True)),   # 16: H100
+             (64, _cfg(64, 128, 16, 4, 3, False))],
     # swept on an NVIDIA H100 (triton 3.6; bench/device_check.sh); block_n is unused here
     "outer": [(1, _cfg(64, 128, 16, 4, 3, True)), (2, _cfg(128, 64, 16, 4, 4, False)),
-              (4, _cfg(128, 64, 16, 4, 4, False)), (8, _cfg(128, 64, 16, 4, 4, False))],
+              (4, _cfg(128, 64, 16, 4, 4, False)), (8, _cfg(64, 64, 16, 2, 4, False))],
 }
 
 
