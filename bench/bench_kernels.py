@@ -123,6 +123,9 @@ def methods_for(device, dtype, rank, W, L, R, tuned=None):
             if rank <= 16:  # the small-rank fp32 modes side by side (sets OUTER_MAX_RANK)
                 out["triton outer"] = (kernel(L, R, "outer"), 0)
                 out["triton ieee"] = (kernel(L, R, "ieee"), 0)
+            if 16 <= rank <= 256:  # where ieee hands over to tf32x3 (sets IEEE_MAX_RANK)
+                out["triton ieee"] = (kernel(L, R, "ieee"), 0)
+                out["triton tf32x3"] = (kernel(L, R, "tf32x3"), 0)
             out["triton bf16x3"] = (kernel(L, R, "bf16x3"), 0)
             if dtype != torch.float32:
                 out["auto, 16-bit factors"] = (lambda: apply_low_rank_(W, Lw, Rw, ALPHA), 0)
