@@ -163,8 +163,9 @@ def _cfg(bm, bk, bn, warps, stages, early):
 
 
 # GPU tile shapes per dot mode: (rank, config) points; a call uses the point
-# whose rank is nearest in log scale. Each is the fastest of 12 shapes on a
-# bf16 4096x14336 weight (NVIDIA H200, triton 3.6; bench/bench_kernels.py --sweep).
+# whose rank is nearest in log scale (ties: the lower rank). Each is the fastest
+# of the swept shapes on a bf16 4096x14336 weight (triton 3.6; bench/bench_kernels.py
+# --sweep): NVIDIA H200, except where marked H100.
 GPU_CONFIGS = {
     "native16": [(1, _cfg(64, 128, 16, 4, 3, True)), (3, _cfg(64, 128, 16, 4, 3, False)),
                  (16, _cfg(64, 64, 16, 4, 4, True)), (48, _cfg(64, 128, 64, 4, 3, True)),
@@ -176,7 +177,7 @@ GPU_CONFIGS = {
                (1024, _cfg(256, 64, 32, 8, 4, False))],
     "ieee": [(1, _cfg(64, 64, 16, 4, 4, False)), (16, _cfg(32, 128, 16, 4, 4, True)),   # 16: H100
              (64, _cfg(64, 128, 16, 4, 3, False))],
-    # swept on an NVIDIA H100 (triton 3.6; bench/device_check.sh); block_n is unused here
+    # H100 (bench/device_check.sh); block_n is unused here
     "outer": [(1, _cfg(64, 128, 16, 4, 3, True)), (2, _cfg(128, 64, 16, 4, 4, False)),
               (4, _cfg(128, 64, 16, 4, 4, False)), (8, _cfg(64, 64, 16, 2, 4, False))],
 }
@@ -209,8 +210,8 @@ def dot_mode(left: torch.Tensor, right: torch.Tensor, precision: Optional[str],
     if left.dtype == right.dtype and left.dtype in (torch.float16, torch.bfloat16):
         return "native16"
     rank, w16 = left.shape[1], weight_dtype in (torch.float16, torch.bfloat16)
-    # outer wins only for 16-bit W (same bytes as a copy, so the tile's arithmetic shows);
-    # for fp32 W ieee matches it at rank 1 and beats it at 2-8
+    # outer wins only on 16-bit W, whose half-size tiles leave the arithmetic exposed;
+    # on fp32 W ieee matches it at rank 1 and beats it at 2-16 (H100)
     prec = precision or ("outer" if w16 and rank <= OUTER_MAX_RANK
                          else "ieee" if rank <= IEEE_MAX_RANK else "tf32x3")
     if prec not in FP32_PRECISIONS:
