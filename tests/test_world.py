@@ -298,3 +298,16 @@ def test_demo_refuses_a_model_that_is_not_the_embedded_one(tmp_path):
     with pytest.raises(SystemExit, match="embedded tiny LM"):
         cli.main(["demo", "--hparams", str(bad), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()   # refused before writing anything
+
+
+def test_a_local_model_directory_loads_in_the_asked_dtype_without_deprecation_warnings(
+        random_gpt2, tmp_path, recwarn):
+    from rledit_plugin import models
+    model, tok = random_gpt2
+    model.save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    loaded, loaded_tok = models.load_model_and_tokenizer(str(tmp_path), torch_dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16 and not loaded.training
+    assert loaded_tok.pad_token_id is not None
+    assert not [w for w in recwarn if "torch_dtype" in str(w.message)]
+    torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())

@@ -182,9 +182,12 @@ def load_model_and_tokenizer(name: str, device="cpu", torch_dtype: str = "float3
         arch = "llama" if "llama" in name else "gpt2"
         model, tok, _ = load_or_train_tiny_lm(embedded_world(name), arch=arch, cache_dir=cache_dir)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype)
+        import transformers
+        from packaging.version import Version
+        tok = transformers.AutoTokenizer.from_pretrained(name)
+        # `dtype` since transformers 4.56 (`torch_dtype` warns there); older releases know only torch_dtype
+        key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, **{key: dtype})
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = model.to(device=resolve_device(device), dtype=dtype)
