@@ -300,14 +300,25 @@ def test_demo_refuses_a_model_that_is_not_the_embedded_one(tmp_path):
     assert not (tmp_path / "out").exists()   # refused before writing anything
 
 
-def test_a_local_model_directory_loads_in_the_asked_dtype_without_deprecation_warnings(
-        random_gpt2, tmp_path, recwarn):
+def test_a_local_model_directory_loads_in_the_asked_dtype_with_the_current_keyword(
+        random_gpt2, tmp_path, monkeypatch):
+    import transformers
+    from packaging.version import Version
+
     from rledit_plugin import models
     model, tok = random_gpt2
     model.save_pretrained(str(tmp_path))
     tok.save_pretrained(str(tmp_path))
+    seen = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):   # transformers >= 4.56 logs a deprecation for torch_dtype=
+        seen.append(sorted(kwargs))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     loaded, loaded_tok = models.load_model_and_tokenizer(str(tmp_path), torch_dtype="bfloat16")
     assert loaded.dtype == torch.bfloat16 and not loaded.training
     assert loaded_tok.pad_token_id is not None
-    assert not [w for w in recwarn if "torch_dtype" in str(w.message)]
+    new_keyword = Version(transformers.__version__) >= Version("4.56")
+    assert seen == [["dtype"] if new_keyword else ["torch_dtype"]]
     torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
