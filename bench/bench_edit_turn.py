@@ -110,6 +110,15 @@ def edit_turn(editor: RLEditor, records) -> None:
     editor.edit_rounds(records)      # edit_steps rounds of compute_update + apply
 
 
+def edit_turn_without_prefix_reuse(editor: RLEditor, records) -> None:
+    """The same turn with every round running the whole forward (``reuse_prefix: false``)."""
+    editor.hparams.reuse_prefix = False
+    try:
+        editor.edit_rounds(records)
+    finally:
+        editor.hparams.reuse_prefix = True
+
+
 def edit_turn_parts(editor: RLEditor, records, times: Dict[str, Dict[str, float]]):
     """The steps of compute_update + apply, timed one by one (same calls, same order).
 
@@ -198,6 +207,8 @@ def bench_setup(name: str, device: str, n_records: int, repeats: int, warmup: in
         "fwd_bwd_edited": make_fwd_bwd(model, editor.modules, batch, edited_only=True),
         "fwd_bwd_all": make_fwd_bwd(model, editor.modules, batch, edited_only=False),
     }
+    if hp.edit_steps > 1 and hp.reuse_prefix:   # what later rounds' prefix reuse saves, same run
+        timers["edit_turn_no_reuse"] = (lambda: None, lambda: edit_turn_without_prefix_reuse(editor, records))
     samples = {c: {k: [] for k in timers} for c in CLOCKS}
     parts = {c: {p: [] for p in PARTS} for c in CLOCKS}
     n_rows = 0
@@ -258,6 +269,7 @@ def bench_setup(name: str, device: str, n_records: int, repeats: int, warmup: in
             "breakdown_sum_ms": sum(part_med.values()),
             "ratio_edited": med["edit_turn"] / med["fwd_bwd_edited"],
             "ratio_all": med["edit_turn"] / med["fwd_bwd_all"],
+            "ratio_edited_no_reuse": med.get("edit_turn_no_reuse", float("nan")) / med["fwd_bwd_edited"],
             "ratio_edited_without_tokenise": (med["edit_turn"] - hp.edit_steps * part_med["tokenise"])
                                              / med["fwd_bwd_edited"],
             "samples_ms": {k: [round(x * 1e3, 3) for x in v] for k, v in samples[c].items()},
@@ -296,15 +308,17 @@ def markdown(result: dict, command: str) -> str:
              + " interleaved repeats; `cpu` = process CPU time (what a shared machine cannot inflate), "
              "`wall` = wall clock. Ratios: edit turn / fwd+bwd.\n",
              "| setup | key whitening | clock | edited | rows | edit turn | fwd+bwd (edited W) | fwd+bwd (all W) "
-             "| **ratio (edited W)** | ratio (all W) | ratio w/o tokenise (edited W) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| **ratio (edited W)** | ratio (all W) | ratio w/o tokenise (edited W) "
+             "| edit turn, no prefix reuse | ratio, no prefix reuse |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in result["setups"]:
         for c in CLOCKS:
             r, med = s[c], s[c]["median_ms"]
             lines.append(f"| {s['setup']} | {_onoff(s)} | {c} | {len(s['edited_modules'])} x c_proj | {s['answer_rows']} "
                          f"| {med['edit_turn']:.2f} | {med['fwd_bwd_edited']:.2f} | {med['fwd_bwd_all']:.2f} "
                          f"| **{r['ratio_edited']:.2f}** | {r['ratio_all']:.2f} "
-                         f"| {r['ratio_edited_without_tokenise']:.2f} |")
+                         f"| {r['ratio_edited_without_tokenise']:.2f} "
+                         f"| {med.get('edit_turn_no_reuse', float('nan')):.2f} | {r['ratio_edited_no_reuse']:.2f} |")
     lines += ["", "Breakdown of the edit turn (instrumented replica, medians, ms):", "",
               "| setup | key whitening | clock | " + " | ".join(PARTS) + " | sum |",
               "|---|---|---|" + "---:|" * (len(PARTS) + 1)]

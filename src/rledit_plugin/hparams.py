@@ -111,6 +111,8 @@ class RLEditHyperParams(_YamlParams):
     # capture -> predict -> apply rounds per edit batch; each later round captures on the
     # weights the earlier ones changed (core/editor.py); 1 = the paper
     edit_steps: int = 1
+    # later rounds skip the forward before the first edited module (same numbers; core/prefix.py)
+    reuse_prefix: bool = True
     # weight update: kernel path and bf16/fp16 compensation ("none" | "fp32" | "kahan")
     kernel_path: str = "auto"
     accumulate: str = "none"

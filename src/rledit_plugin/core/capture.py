@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping
+from typing import Dict, Iterator, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data.records import IGNORE_INDEX, answer_positions
 from ..models import answer_logits
+from .prefix import ForwardPrefix
 
 
 @dataclass
@@ -75,8 +76,13 @@ def _split(batch: Mapping[str, torch.Tensor], size: int) -> List[Dict[str, torch
 
 
 def capture(model: nn.Module, modules: Mapping[str, nn.Module],
-            batch: Mapping[str, torch.Tensor], minibatch: int = 20) -> Capture:
-    """Keys and value-gradients of ``modules`` at the answer positions of ``batch``."""
+            batch: Mapping[str, torch.Tensor], minibatch: int = 20,
+            prefix: Optional[ForwardPrefix] = None) -> Capture:
+    """Keys and value-gradients of ``modules`` at the answer positions of ``batch``.
+
+    ``prefix``: shared by the rounds of one batch, it lets a later round skip what runs
+    before the first edited module (core/prefix.py).
+    """
     n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     if n_answer == 0:
         raise ValueError("edit batch has no answer tokens")
@@ -84,7 +90,7 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
     grads = {name: [] for name in modules}
     total_loss = 0.0
     with eval_mode(model), frozen_parameters(model), torch.enable_grad():
-        for mb in _split(batch, minibatch):
+        for index, mb in enumerate(_split(batch, minibatch)):
             # index tensors once per minibatch: each boolean-mask indexing would wait for the GPU
             rows = answer_positions(mb["labels"]).nonzero(as_tuple=True)
             outputs: Dict[str, torch.Tensor] = {}
@@ -98,8 +104,9 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
                     return out
                 handles.append(module.register_forward_hook(hook))
             try:
-                logits = answer_logits(model, mb["input_ids"], mb["attention_mask"], rows,
-                                       edited=list(modules.values()))
+                with prefix.around(index) if prefix is not None else contextlib.nullcontext():
+                    logits = answer_logits(model, mb["input_ids"], mb["attention_mask"], rows,
+                                           edited=list(modules.values()))
             finally:
                 for h in handles:
                     h.remove()

@@ -25,6 +25,7 @@ from ..hparams import RLEditHyperParams
 from ..kernels import apply_low_rank_, make_residual
 from ..models import default_edit_modules, get_module, io_dims, model_device, weight_view
 from .capture import Capture, capture
+from .prefix import ForwardPrefix
 from .hypernet import HyperNetwork
 from .solve import GramFactor, ridge_dual
 from .whitening import compute_whitening, read_texts
@@ -128,20 +129,23 @@ class RLEditor:
 
     def compute_update(self, records: Sequence[EditRecord], update_norm: Optional[bool] = None,
                        batch: Optional[Dict[str, torch.Tensor]] = None,
-                       previous: Optional[Update] = None) -> Update:
+                       previous: Optional[Update] = None,
+                       prefix: Optional[ForwardPrefix] = None) -> Update:
         """Capture on the current model and predict the low-rank update (no weight change).
 
         ``batch``: ``records`` already tokenised by ``edit_batch`` (later rounds reuse it).
         ``previous``: the last round's update of the same records; a module whose keys came
         back bit-identical (the first edited module in forward order: no edit precedes its
         input) reuses that round's whitened keys instead of two N x d_in x d_in products.
+        ``prefix``: shared by the rounds of ``batch``; later rounds skip the part of the
+        forward that precedes the first edited module (core/prefix.py).
         """
         if not records:
             raise ValueError("no records to edit")
         hp = self.hparams
         if batch is None:
             batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
-        cap = capture(self.model, self.modules, batch, minibatch=hp.edit_minibatch)
+        cap = capture(self.model, self.modules, batch, minibatch=hp.edit_minibatch, prefix=prefix)
         update_norm = hp.lifelong_norm if update_norm is None else update_norm
         keys, coeffs, values, factors, solve_keys = {}, {}, {}, {}, {}
         with torch.no_grad():
@@ -179,11 +183,14 @@ class RLEditor:
         """
         if not records:
             raise ValueError("no records to edit")
-        batch = edit_batch(self.tok, records, self.hparams.max_length, device=model_device(self.model))
+        hp = self.hparams
+        batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
+        prefix = ForwardPrefix(self.model, self.modules) if hp.edit_steps > 1 and hp.reuse_prefix else None
         rounds = []
-        for step in range(self.hparams.edit_steps):
+        for step in range(hp.edit_steps):
             update = self.compute_update(records, update_norm=update_norm if step == 0 else False,
-                                         batch=batch, previous=rounds[-1] if rounds else None)
+                                         batch=batch, previous=rounds[-1] if rounds else None,
+                                         prefix=prefix)
             self.apply(update)
             rounds.append(update)
         return rounds

@@ -1,0 +1,136 @@
+"""Forward-prefix reuse between edit rounds: same weights bit for bit, less forward."""
+import copy
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from rledit_plugin.core.editor import RLEditor
+from rledit_plugin.core.prefix import ForwardPrefix
+from rledit_plugin.hparams import RLEditHyperParams
+from rledit_plugin.models import get_module
+from rledit_plugin.world.tiny_lm import random_tiny_lm
+
+
+def _edit_both_ways(model, tok, records, **kw):
+    """Weights after a 3-round edit with and without prefix reuse, and the reusing editor."""
+    base = dict(rank=8, n_blocks=1, init_lr=5e-2, max_length=48, edit_minibatch=2, edit_steps=3)
+    base.update(kw)
+    out = []
+    for reuse in (True, False):
+        editor = RLEditor(copy.deepcopy(model), tok, RLEditHyperParams(reuse_prefix=reuse, **base))
+        editor.edit(records)
+        out.append(editor)
+    return out
+
+
+@pytest.mark.parametrize("arch, modules", [
+    ("gpt2", ["transformer.h.1.mlp.c_proj"]),
+    ("gpt2", ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc"]),
+    ("llama", ["model.layers.1.mlp.down_proj"]),
+])
+def test_rounds_reusing_the_prefix_give_bit_identical_weights(arch, modules, world, _world_tokenizer):
+    model, tok = random_tiny_lm(arch=arch, tok=copy.deepcopy(_world_tokenizer),
+                                d_model=32, n_layer=2, n_head=2, d_ff=64)
+    records = world.eval_records[:5]                    # 3 minibatches of 2, 2, 1 records
+    reusing, plain = _edit_both_ways(model, tok, records, inner_params=modules)
+    assert any(not torch.equal(plain.modules[n].weight, get_module(model, n).weight) for n in modules)
+    for name in modules:
+        assert torch.equal(reusing.modules[name].weight, plain.modules[name].weight), name
+
+
+def test_later_rounds_skip_everything_before_the_first_edited_module(random_gpt2, world):
+    model, tok = random_gpt2
+    hp = RLEditHyperParams(inner_params=["transformer.h.1.mlp.c_proj"], rank=8, n_blocks=1,
+                           init_lr=5e-2, max_length=48, edit_minibatch=2, edit_steps=3)
+    editor = RLEditor(model, tok, hp)
+    conv1d = type(model.transformer.h[1].mlp.c_proj)
+    calls = []
+    real = conv1d.forward
+    with mock.patch.object(conv1d, "forward", autospec=True,
+                           side_effect=lambda mod, x: calls.append(mod) or real(mod, x)):
+        editor.edit(world.eval_records[:4])           # 2 minibatches x 3 rounds
+    # round 1: all 8 Conv1D of both layers; rounds 2-3: only the edited one
+    assert len(calls) == 2 * 8 + 2 * 2 * 1
+    assert calls[-4:] == [model.transformer.h[1].mlp.c_proj] * 4
+
+    prefix = ForwardPrefix(model, editor.modules)
+    with prefix.around(0):
+        editor.compute_update(world.eval_records[:2])
+    names = {m: n for n, m in model.named_modules()}
+    assert [names[m] for m in prefix.skip] == [
+        "transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h.0",
+        "transformer.h.1.ln_1", "transformer.h.1.attn", "transformer.h.1.ln_2",
+        "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.act"]
+    assert all("forward" not in m.__dict__ for m in prefix.skip)   # nothing left patched
+
+
+def test_modules_with_hooks_of_their_own_keep_running(random_gpt2, world):
+    model, tok = random_gpt2
+    seen = []
+    model.transformer.h[0].attn.register_forward_hook(lambda mod, args, out: seen.append(out[0].sum()))
+    records = world.eval_records[:4]
+    reusing, plain = _edit_both_ways(model, tok, records, inner_params=["transformer.h.1.mlp.c_proj"])
+    assert len(seen) == 2 * 2 * 3      # both editors: 2 minibatches x 3 rounds each
+    w = "transformer.h.1.mlp.c_proj"
+    assert torch.equal(reusing.modules[w].weight, plain.modules[w].weight)
+    prefix = ForwardPrefix(reusing.model, reusing.modules)
+    with prefix.around(0):
+        reusing.compute_update(records[:2])
+    assert reusing.model.transformer.h[0] not in prefix.skip            # holds the hooked module
+    assert reusing.model.transformer.h[0].ln_1 in prefix.skip           # its siblings still skip
+
+
+def test_a_tied_embedding_of_an_edited_head_is_recomputed(world, _world_tokenizer):
+    model, tok = random_tiny_lm(arch="gpt2", tok=copy.deepcopy(_world_tokenizer),
+                                d_model=32, n_layer=2, n_head=2, d_ff=64)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    records = world.eval_records[:3]
+    reusing, plain = _edit_both_ways(model, tok, records, inner_params=["lm_head"], init_lr=1e-1)
+    assert torch.equal(reusing.model.lm_head.weight, plain.model.lm_head.weight)
+    prefix = ForwardPrefix(reusing.model, reusing.modules)
+    with prefix.around(0):
+        reusing.compute_update(records)
+    # the forward touches the edited weight first through the embedding: nothing to skip
+    assert prefix.skip == []
+
+
+class _Toy(nn.Module):
+    """embed -> mid -> edited, where the forward may change ``mid``'s output in place later."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.embed, self.mid, self.edited = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.in_place = in_place
+
+    def forward(self, x):
+        h = self.mid(self.embed(x))
+        out = self.edited(h)
+        if self.in_place:
+            h.mul_(2.0)            # changes the recorded output after its consumer ran
+        return out + h.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_replay_matches_the_full_forward_and_in_place_changes_switch_it_off(in_place):
+    torch.manual_seed(0)
+    model, x = _Toy(in_place), torch.randn(5, 3)
+    wrapper = lambda *a, **k: type(model.mid).forward(model.mid, *a, **k)   # like accelerate's
+    model.mid.forward = wrapper
+    prefix = ForwardPrefix(model, {"edited": model.edited})
+    outs = []
+    for _ in range(3):
+        with torch.no_grad():
+            with prefix.around(0):
+                got = model(x)
+            outs.append((got, model(x)))              # the latter: a plain full forward
+            model.edited.weight.add_(0.1)             # what an edit round does between captures
+    for got, full in outs:
+        assert torch.equal(got, full)
+    assert prefix.enabled is (not in_place)
+    assert model.mid.forward is wrapper               # an instance-level forward is put back
+    if not in_place:
+        assert prefix.skip == [model.embed, model.mid]
