@@ -8,6 +8,8 @@
 #                                          shapes (after a change of the small-rank rule/tiles)
 #   bash bench/device_check.sh final       CUDA kernel tests -> wider tile sweep (outer and ieee,
 #                                          ranks 8 and 16) -> edit turn on the GPU
+#   bash bench/device_check.sh edit-turn   prefix-reuse tests (the device's transformers) -> edit turn
+#                                          on the GPU, with and without prefix reuse
 # Writes under $OUT (the device tool's folder), else bench/results/device.
 # Each step has its own time limit, so one failing step still leaves the others' numbers.
 set -u
@@ -20,6 +22,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 step() { local limit=$1; shift; echo "== $* (limit ${limit}s)"; local t0=$SECONDS
          timeout "$limit" "$@"; echo "== rc $? after $((SECONDS - t0)) s"; }
+if [ "$MODE" = edit-turn ]; then
+    step 120 python3 -m pytest -q -p no:cacheprovider tests/test_prefix.py tests/test_whitening.py
+    step 240 python3 bench/bench_edit_turn.py --device cuda --threads 1 --whitening on --repeats 15 \
+        --repeats-embedded 31 --warmup 3 --out-dir "$OUT" --name edit_turn_cuda_prefix
+    exit 0
+fi
 step 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda or default_modes"
 if [ "$MODE" = final ]; then   # end of a session: wider tile sweep at ranks 8-16, GPU edit turn
     step 100 python3 bench/bench_kernels.py --device cuda --sweep --sweep-modes outer,ieee --sweep-ranks 8,16 \

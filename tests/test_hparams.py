@@ -25,6 +25,15 @@ def test_shipped_training_yaml_loads_and_its_editing_part_matches_the_editing_ya
     assert mine == theirs
 
 
+def test_quick_training_yaml_differs_from_the_default_only_where_it_means_to():
+    path = os.path.join(REPO, "hparams", "TRAINING", "RLEdit")
+    default = RLEditTrainingHyperParams.from_hparams(os.path.join(path, "tiny.yaml")).to_dict()
+    quick = RLEditTrainingHyperParams.from_hparams(os.path.join(path, "tiny-quick.yaml")).to_dict()
+    changed = {k for k in default if default[k] != quick[k]}
+    assert changed == {"model_name", "init_lr", "n_trajectories", "results_dir"}
+    assert quick["model_name"] == default["model_name"] + "-quick"
+
+
 def _write(tmp_path, text):
     path = tmp_path / "x.yaml"
     path.write_text("alg_name: RLEdit\n" + text)

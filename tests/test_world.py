@@ -278,16 +278,18 @@ def test_quick_model_name_stands_for_the_small_world(world, monkeypatch, tmp_pat
     assert quick.fingerprint() != world.fingerprint()
     seen = []
 
-    def fake_load(w, arch="gpt2", cache_dir=None, **_):   # records which world would be trained
-        seen.append((w.fingerprint(), arch))
+    def fake_load(w, arch="gpt2", cache_dir=None, config=None, **_):   # which world and width
+        seen.append((w.fingerprint(), arch, config.d_ff))
         raise RuntimeError("stop here")
     monkeypatch.setattr(tiny_lm, "load_or_train_tiny_lm", fake_load)
     import rledit_plugin.world as world_pkg
     monkeypatch.setattr(world_pkg, "load_or_train_tiny_lm", fake_load)
-    for name in ("embedded-tiny-llama-quick", "embedded-tiny-gpt2"):
+    for name in ("embedded-tiny-llama-quick", "embedded-tiny-gpt2", "embedded-tiny-gpt2-quick"):
         with pytest.raises(RuntimeError, match="stop here"):
             models.load_model_and_tokenizer(name)
-    assert seen == [(quick.fingerprint(), "llama"), (world.fingerprint(), "gpt2")]
+    # the quick GPT-2 keeps the narrower MLP (pre-trains in about half the time); llama its own
+    assert seen == [(quick.fingerprint(), "llama", 384), (world.fingerprint(), "gpt2", 3072),
+                    (quick.fingerprint(), "gpt2", 1536)]
 
 
 def test_demo_refuses_a_model_that_is_not_the_embedded_one(tmp_path):

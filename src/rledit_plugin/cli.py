@@ -115,16 +115,17 @@ def cmd_demo(args) -> int:
     from .world import write_world_files
     out = Path(args.out)
     start = time.perf_counter()
-    hp = RLEditTrainingHyperParams.from_hparams(args.hparams or _default_hparams("TRAINING/RLEdit/tiny.yaml"))
+    # --quick: the small world, its narrower tiny LM (pre-trained in ~1 min) and one trajectory
+    default = "TRAINING/RLEdit/tiny-quick.yaml" if args.quick else "TRAINING/RLEdit/tiny.yaml"
+    hp = RLEditTrainingHyperParams.from_hparams(args.hparams or _default_hparams(default))
     if not hp.model_name.startswith(EMBEDDED_PREFIX):
         raise SystemExit(f"rledit demo runs on the embedded tiny LM; {hp.model_name!r} is not one "
                          "(use `rledit train` and `rledit edit` for other models)")
     hp.results_dir = str(out / "archive")
     turns, batch = (20, 20) if args.quick else (args.turns, args.batch)
-    if args.quick:   # the small world and its tiny LM: a fresh machine pre-trains it in ~1 min
-        hp.n_trajectories = max(1, hp.n_trajectories // 4)
-        if not hp.model_name.endswith(QUICK_SUFFIX):
-            hp.model_name += QUICK_SUFFIX
+    if args.quick and args.hparams and not hp.model_name.endswith(QUICK_SUFFIX):
+        hp.n_trajectories = max(1, hp.n_trajectories // 4)    # the user's YAML, scaled down
+        hp.model_name += QUICK_SUFFIX
     world = embedded_world(hp.model_name)
     write_world_files(world, out / "world")
     print(f"[demo] tiny LM ({hp.model_name}) ...", flush=True)

@@ -179,8 +179,11 @@ def load_model_and_tokenizer(name: str, device="cpu", torch_dtype: str = "float3
     dtype = getattr(torch, torch_dtype)
     if name.startswith(EMBEDDED_PREFIX):
         from .world import load_or_train_tiny_lm
+        from .world.tiny_lm import TinyLMConfig
         arch = "llama" if "llama" in name else "gpt2"
-        model, tok, _ = load_or_train_tiny_lm(embedded_world(name), arch=arch, cache_dir=cache_dir)
+        config = TinyLMConfig.for_arch(arch, quick=name.endswith(QUICK_SUFFIX))
+        model, tok, _ = load_or_train_tiny_lm(embedded_world(name), arch=arch, cache_dir=cache_dir,
+                                              config=config)
     else:
         import transformers
         from packaging.version import Version

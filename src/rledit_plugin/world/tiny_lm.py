@@ -40,22 +40,23 @@ class TinyLMConfig:
     Tuned for memorisation speed on CPU: one wide layer, untied output head,
     a 20x learning rate on the input embeddings (each subject row is touched
     by only ~40 of ~24k lines per epoch, and that row is where its facts end
-    up), small batches and answer tokens weighted 5x.  The MLP is 8x d_model
-    wide because its hidden units are the keys RLEdit edits: at d_ff 384 a
-    2,000-edit stream overfills the key space (efficacy 0.28 at the end of the
-    demo stream), at 1536 it does not (0.49; docs/TUNING.md section 5) for
-    ~10% more pre-training time (the 2.7k-token output head dominates).
+    up), small batches and answer tokens weighted 5x.  The MLP is 16x d_model
+    wide because its hidden units are the keys RLEdit edits: the more key
+    dimensions, the less each edit leaks into other prompts (docs/TUNING.md
+    sections 5 and 7: at the end of the 2,000-edit demo stream d_ff 384 kept
+    0.28 efficacy, 1536 0.58, 3072 0.71).  The wider MLP learns more slowly,
+    hence the smaller step and two more epochs.
     """
     d_model: int = 192
     n_layer: int = 1
     n_head: int = 4
-    d_ff: int = 1536
+    d_ff: int = 3072
     max_positions: int = 64
     tie_embeddings: bool = False
     seed: int = 0
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 3.5e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     answer_weight: float = 5.0     # loss weight of answer tokens relative to other tokens
@@ -65,11 +66,15 @@ class TinyLMConfig:
     stop_accuracy: Optional[float] = None
 
     @classmethod
-    def for_arch(cls, arch: str) -> "TinyLMConfig":
+    def for_arch(cls, arch: str, quick: bool = False) -> "TinyLMConfig":
         """The default for ``arch``.  Llama needs twice GPT-2's step (measured on the
         default world: 97.3 / 97.3 / 98.0% per split at lr 1e-2, ~42% at 5e-3) and keeps
-        d_ff 384: at 1536 the same schedule reached only 94.7 / 92.2 / 95.3%."""
-        return cls(lr=1e-2, d_ff=384) if arch == "llama" else cls()
+        d_ff 384: at 1536 the same schedule reached only 94.7 / 92.2 / 95.3%.
+        ``quick``: the GPT-2 of ``rledit demo --quick`` (the small world) keeps the previous
+        default's narrower MLP (d_ff 1536), which pre-trains in about half the time."""
+        if arch == "llama":
+            return cls(lr=1e-2, d_ff=384, epochs=10)
+        return cls(d_ff=1536, lr=5e-3, epochs=10) if quick else cls()
 
 
 def default_cache_dir() -> str:
