@@ -14,12 +14,12 @@ special-cased: a module qualifies when it is called exactly once, returns
 before the forward first enters a module holding an edited weight (an edited
 module, or one tied to it such as the input embedding of an edited head), and
 has no forward hooks of somebody else's in it (they must keep seeing every
-forward).  A model that reads an edited weight from outside the module owning
-it, before that module runs, would defeat this; ``reuse_prefix: false`` turns
-it off.  Only the
-outermost such modules are short-circuited.  Recorded tensors are checked with
-their version counters: if the model modifies one in place later in the
-forward, reuse is switched off for good and every round runs the whole model.
+forward).  Only the outermost such modules are short-circuited.  A model that
+reads an edited weight from outside the module owning it, before that module
+runs, would defeat this; ``reuse_prefix: false`` turns it off.  Recorded tensors
+are checked with their version counters: if the model modifies one in place
+later in the forward, reuse is switched off for the rest of the batch and every
+round runs the whole model.
 """
 from __future__ import annotations
 
