@@ -122,20 +122,24 @@ def test_rollback_and_restore_are_exact(pair, world, edit_steps):
         editor.rollback(1)
 
 
-@pytest.mark.parametrize("whitening, edit_steps", [(False, 1), (True, 1), (False, 2), (True, 2)])
+@pytest.mark.parametrize("whitening, edit_steps, memory",
+                         [(False, 1, False), (True, 1, False), (False, 2, False), (True, 2, False),
+                          (True, 2, True), (False, 1, True)])
 def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world, tmp_path, whitening,
-                                                             edit_steps):
+                                                             edit_steps, memory):
     """One training step: the trainer's hypernetwork gradient equals end-to-end autograd (float64).
 
     With key whitening the reference is the generalised-Tikhonov primal solve
     (K^T K + e^lam S^-2)^-1 K^T D, so the whitened dual form is checked too.  With
     ``edit_steps`` 2 the batch is edited in two rounds, the second captured (as a constant)
-    on the weights the first changed; the losses and the L2 term see their sum."""
+    on the weights the first changed; the losses and the L2 term see their sum.  With the
+    edit memory holding earlier keys K_0 the Tikhonov matrix is A_0 + c K_0^T K_0."""
     model, tok = random_gpt2
     model = copy.deepcopy(model).double()
     hp = _train_hp(GPT2_MODULES, tmp_path, traj_len=1, n_trajectories=1, max_grad_norm=1e12,
                    reg_coef=0.5, reg_mode="paper", loc_coef=0.6, loss_minibatch=2,
-                   key_whitening=whitening, whitening_damping=0.1, edit_steps=edit_steps)
+                   key_whitening=whitening, whitening_damping=0.1, edit_steps=edit_steps,
+                   edit_memory=0.7 if memory else 0.0)
     trainer = SequenceTrainer(model, tok, hp, progress=False,
                               whitening_texts=record_texts(world.train_records[:10]))
     assert trainer.net.whitened == whitening
@@ -149,6 +153,14 @@ def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world,
         net.zero_grad(set_to_none=True)
         return 0.0
     trainer._opt_step = record_step
+    earlier = {}
+    if memory:      # keys of an earlier batch, kept across the trajectory's restore
+        gen = torch.Generator().manual_seed(3)
+        for n in GPT2_MODULES:
+            d_in = get_module(model, n).weight.shape[0]                  # Conv1D: (d_in, d_out)
+            earlier[n] = torch.randn(6, d_in, generator=gen, dtype=torch.float64)
+            trainer.editor.memory.add(n, earlier[n], *trainer.editor.memory.factors(n, earlier[n]))
+        trainer.editor.memory.reset = lambda: None
     pristine = {n: get_module(model, n).weight.detach().clone() for n in GPT2_MODULES}
     batch_records = trainer._trajectory(world.train_records)[0]
     trainer.rng.seed(hp.seed)            # replay the same sampling inside run_trajectory
@@ -171,9 +183,11 @@ def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world,
         for n in GPT2_MODULES:
             d = net.values(n, cap.keys[n].double(), cap.grads[n].double())
             k = cap.keys[n].double()
-            if whitening:
-                s_mat = net.whitening(n)
-                tikhonov = torch.linalg.inv(s_mat @ s_mat)
+            if whitening or memory:
+                s_mat = net.whitening(n) if whitening else None
+                tikhonov = torch.linalg.inv(s_mat @ s_mat) if whitening else torch.eye(k.shape[1], dtype=k.dtype)
+                if memory:
+                    tikhonov = tikhonov + hp.edit_memory * earlier[n].T @ earlier[n]
                 dw = torch.linalg.solve(k.T @ k + net.lam(n).exp() * tikhonov, k.T @ d)
             else:
                 dw = ridge_primal(k, d, net.lam(n))                  # (d_in, d_out) = Conv1D layout
@@ -201,22 +215,24 @@ def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world,
         torch.testing.assert_close(recorded[name], p.grad, rtol=1e-6, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("whitening", [False, True])
-def test_train_archive_load_edit_round_trip_and_determinism(random_gpt2, world, tmp_path, whitening):
+@pytest.mark.parametrize("whitening, memory", [(False, False), (True, False), (True, True)])
+def test_train_archive_load_edit_round_trip_and_determinism(random_gpt2, world, tmp_path, whitening,
+                                                            memory):
     model, tok = random_gpt2
     model = copy.deepcopy(model)
     pristine = copy.deepcopy(model)
-    hp = _train_hp(GPT2_MODULES, tmp_path, key_whitening=whitening)
+    hp = _train_hp(GPT2_MODULES, tmp_path, key_whitening=whitening, edit_memory=0.5 if memory else 0.0)
     net, history = train_hypernetwork(model, tok, hp, world.train_records[:30], world.val_records[:6], progress=False)
     assert len(history) == hp.n_trajectories + 1 and "val" in history[-1]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
 
-    edit_recs = world.eval_records[:3]
+    edit_recs = world.eval_records[:6]
     m1, m2 = copy.deepcopy(pristine), copy.deepcopy(pristine)
-    RLEditor(m1, tok, hp.editing(), hypernet=copy.deepcopy(net)).edit(edit_recs)
     loaded_hp = hp.editing()
     loaded_hp.archive = hp.results_dir
-    RLEditor(m2, tok, loaded_hp).edit(edit_recs)
+    for editor in (RLEditor(m1, tok, hp.editing(), hypernet=copy.deepcopy(net)), RLEditor(m2, tok, loaded_hp)):
+        editor.edit(edit_recs[:3])           # two batches: the second one sees the memory, if on
+        editor.edit(edit_recs[3:])
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     # editing with another number of rounds than the archive was trained with: allowed, but said
     other_rounds = copy.deepcopy(loaded_hp)
@@ -225,7 +241,8 @@ def test_train_archive_load_edit_round_trip_and_determinism(random_gpt2, world, 
         RLEditor(copy.deepcopy(pristine), tok, other_rounds)
 
     # a second seeded run writes the identical archive
-    hp2 = _train_hp(GPT2_MODULES, tmp_path / "second", key_whitening=whitening)
+    hp2 = _train_hp(GPT2_MODULES, tmp_path / "second", key_whitening=whitening,
+                    edit_memory=0.5 if memory else 0.0)
     train_hypernetwork(copy.deepcopy(pristine), tok, hp2, world.train_records[:30], world.val_records[:6], progress=False)
     a = load_file(os.path.join(hp.results_dir, "hypernet.safetensors"))
     b = load_file(os.path.join(hp2.results_dir, "hypernet.safetensors"))

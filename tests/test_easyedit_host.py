@@ -202,13 +202,15 @@ def test_apply_contract_weights_copy_and_restore(small, requests_):
     assert len(host.get_editor(model).journal) == 1 and same(second, weights_copy)
 
 
-def test_apply_matches_direct_editor_and_copy_leaves_original(small, requests_):
+@pytest.mark.parametrize("memory", [0.0, 0.5])
+def test_apply_matches_direct_editor_and_copy_leaves_original(small, requests_, memory):
+    """Also with the edit memory: it lives with the model's editor across calls."""
     model, tok = small
     reference = copy.deepcopy(model)
-    hp = hparams()
+    hp = hparams(edit_memory=memory)
     host.apply_rledit_to_model(model, tok, requests_[:2], hp)
     host.apply_rledit_to_model(model, tok, requests_[2:4], hp)
-    ref_editor = direct_editor(reference, tok, hparams(), [requests_[:2], requests_[2:4]])
+    ref_editor = direct_editor(reference, tok, hparams(edit_memory=memory), [requests_[:2], requests_[2:4]])
     assert same(edited(model, ref_editor), edited(reference, ref_editor))
     before = edited(model, ref_editor)
     new_model, _ = host.apply_rledit_to_model(model, tok, requests_[4:5], hp, copy=True)
@@ -237,6 +239,10 @@ def test_changed_structure_starts_a_new_editor(small, requests_):
     with pytest.warns(UserWarning, match="rank"):
         host.apply_rledit_to_model(model, tok, requests_[1:2], hparams(rank=4))
     assert host.get_editor(model) is not first and len(host.get_editor(model).journal) == 1
+    second = host.get_editor(model)
+    with pytest.warns(UserWarning, match="edit_memory"):    # the memory's weight is baked into it
+        host.apply_rledit_to_model(model, tok, requests_[2:3], hparams(rank=4, edit_memory=0.5))
+    assert host.get_editor(model) is not second and host.get_editor(model).memory is not None
 
 
 # ------------------------------------------------------------------ BaseEditor

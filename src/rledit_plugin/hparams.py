@@ -122,6 +122,9 @@ class RLEditHyperParams(_YamlParams):
     key_whitening: bool = False
     whitening_damping: float = 0.01
     whitening_texts: Optional[str] = None   # text file, one per line; default: the training records
+    # > 0: the ridge also penalises changes along the keys of batches already applied, each
+    # key weighted by this much (relative to one token of the key statistics); core/memory.py
+    edit_memory: float = 0.0
 
     def validate(self, source: str = "<hparams>") -> None:
         if self.alg_name.lower() != "rledit":
@@ -140,6 +143,8 @@ class RLEditHyperParams(_YamlParams):
             raise HParamsError(f"{source}: key 'torch_dtype' must be float32, bfloat16 or float16")
         if float(self.whitening_damping) <= 0:
             raise HParamsError(f"{source}: key 'whitening_damping' must be > 0")
+        if float(self.edit_memory) < 0:
+            raise HParamsError(f"{source}: key 'edit_memory' must be >= 0 (0 = off)")
 
 
 @dataclass

@@ -10,7 +10,8 @@ gradients and get little more, the others get another push (the normaliser
 sees each batch once).  Edits are never reverted
 unless asked: :meth:`rollback` and :meth:`restore` use the pristine copy of the
 edited modules (the rest of the model never changes) and the exact journal of
-applied factors.
+applied factors.  With ``edit_memory`` the ridge also protects the keys of every batch
+already applied (core/memory.py).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from ..models import default_edit_modules, get_module, io_dims, model_device, we
 from .capture import Capture, capture
 from .prefix import ForwardPrefix
 from .hypernet import HyperNetwork
-from .solve import GramFactor, ridge_dual
+from .memory import EditMemory
+from .solve import GramFactor, factor_gram, ridge_dual
 from .whitening import compute_whitening, read_texts
 
 
@@ -35,8 +37,9 @@ from .whitening import compute_whitening, read_texts
 class Update:
     """One edit batch's low-rank update: ``dW[name] = keys[name]^T @ coeffs[name]``.
 
-    ``keys`` is the right factor: the captured keys ``K``, or ``K S^2`` with key
-    whitening (core/whitening.py); the raw keys are in ``capture.keys``.
+    ``keys`` is the right factor: the captured keys ``K``, ``K S^2`` with key
+    whitening (core/whitening.py), ``K P`` with the edit memory (core/memory.py); the raw
+    keys are in ``capture.keys``.
     """
     keys: Dict[str, torch.Tensor]     # (N, d_in)
     coeffs: Dict[str, torch.Tensor]   # (N, d_out)
@@ -44,7 +47,9 @@ class Update:
     values: Dict[str, torch.Tensor] = field(default_factory=dict)  # D, (N, d_out)
     factors: Dict[str, GramFactor] = field(default_factory=dict)   # reused by the trainer's backward
     solve_keys: Dict[str, torch.Tensor] = field(default_factory=dict)  # K S (whitened), or K
+    grams: Dict[str, torch.Tensor] = field(default_factory=dict)   # K P K^T (edit memory)
     rounds: Optional[List[int]] = None   # journal: rows of each edit round, stacked (edit_steps > 1)
+    memory_keys: Optional[Dict[str, torch.Tensor]] = None  # journal: keys the edit memory took
 
     def split_rounds(self) -> List["Update"]:
         """The rounds this journal entry stacks, in the order they were applied."""
@@ -111,6 +116,11 @@ class RLEditor:
         self._pristine_norm = norm_state(self.hypernet)
         self._norm_history: List[dict] = []
         self._residuals = {n: make_residual(weight_view(m), hparams.accumulate) for n, m in self.modules.items()}
+        self.memory = None
+        if hparams.edit_memory > 0:
+            self.memory = EditMemory(hparams.edit_memory,
+                                     {n: self.hypernet.whitening(n) for n in names},
+                                     {n: io_dims(m)[0] for n, m in self.modules.items()})
 
     def _init_whitening(self, texts: Optional[Sequence[str]]) -> None:
         hp = self.hparams
@@ -147,17 +157,27 @@ class RLEditor:
             batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
         cap = capture(self.model, self.modules, batch, minibatch=hp.edit_minibatch, prefix=prefix)
         update_norm = hp.lifelong_norm if update_norm is None else update_norm
-        keys, coeffs, values, factors, solve_keys = {}, {}, {}, {}, {}
+        keys, coeffs, values, factors, solve_keys, grams = {}, {}, {}, {}, {}, {}
         with torch.no_grad():
             for name in self.modules:
                 k, g = cap.keys[name], cap.grads[name]
                 if update_norm:
                     self.hypernet.update_norm(name, k, g)
                 d = self.hypernet.values(name, k, g)
+                values[name] = d
+                same_keys = previous is not None and torch.equal(previous.capture.keys[name], k)
+                if self.memory is not None:      # P changes between batches, not between rounds
+                    if same_keys:
+                        keys[name], grams[name] = previous.keys[name], previous.grams[name]
+                    else:
+                        keys[name], grams[name] = self.memory.factors(name, k)
+                    factors[name] = factor_gram(grams[name], self.hypernet.lam(name))
+                    coeffs[name] = factors[name].solve(d)
+                    continue
                 s = self.hypernet.whitening(name)
                 if s is None:
                     solve_keys[name] = keys[name] = k
-                elif previous is not None and torch.equal(previous.capture.keys[name], k):
+                elif same_keys:
                     solve_keys[name], keys[name] = previous.solve_keys[name], previous.keys[name]
                 else:
                     s = s.to(k.dtype)
@@ -165,15 +185,17 @@ class RLEditor:
                     keys[name] = solve_keys[name] @ s               # right factor K S^2
                 coeffs[name], factors[name] = ridge_dual(solve_keys[name], d, self.hypernet.lam(name),
                                                          return_factor=True)
-                values[name] = d
-        return Update(keys, coeffs, cap, values, factors, solve_keys=solve_keys)
+        return Update(keys, coeffs, cap, values, factors, solve_keys=solve_keys, grams=grams)
 
     def apply(self, update: Update, alpha: float = 1.0) -> None:
         """``W += alpha * dW`` for every edited module, in place, low rank."""
         with torch.no_grad():
             for name, module in self.modules.items():
                 w = weight_view(module)                    # (d_out, d_in)
-                apply_low_rank_(w, update.coeffs[name].t(), update.keys[name], alpha,
+                # one layout whether C comes from the solve (column-major) or the journal, so a
+                # rollback's replay runs the same GEMM and lands on the same bits
+                left = update.coeffs[name].t().contiguous()
+                apply_low_rank_(w, left, update.keys[name].contiguous(), alpha,
                                 residual=self._residuals[name], path=self.hparams.kernel_path)
 
     def edit_rounds(self, records: Sequence[EditRecord], update_norm: Optional[bool] = None) -> List[Update]:
@@ -193,6 +215,10 @@ class RLEditor:
                                          prefix=prefix)
             self.apply(update)
             rounds.append(update)
+        if self.memory is not None:     # the last round's keys are the ones now written
+            last = rounds[-1]
+            for name in self.modules:
+                self.memory.add(name, last.capture.keys[name], last.keys[name], last.grams[name])
         return rounds
 
     def edit(self, records: Sequence[EditRecord]) -> dict:
@@ -204,7 +230,9 @@ class RLEditor:
             self.journal.append(Update(
                 {n: torch.cat([u.keys[n] for u in rounds]).cpu() for n in self.modules},
                 {n: torch.cat([u.coeffs[n] for u in rounds]).cpu() for n in self.modules},
-                rounds=[u.keys[first].shape[0] for u in rounds]))
+                rounds=[u.keys[first].shape[0] for u in rounds],
+                memory_keys=None if self.memory is None else
+                {n: rounds[-1].capture.keys[n].cpu() for n in self.modules}))
             self._norm_history.append(norm_before)
         return {"n_records": len(records), "n_rows": rounds[0].capture.n_rows,
                 "loss_before": rounds[0].capture.loss,
@@ -222,6 +250,8 @@ class RLEditor:
                 module.weight.copy_(self._pristine[name])
                 if self._residuals[name] is not None:
                     self._residuals[name].zero_()
+        if self.memory is not None:
+            self.memory.reset()
         if normaliser:
             load_norm_state(self.hypernet, self._pristine_norm)
         self.journal.clear()
@@ -243,6 +273,10 @@ class RLEditor:
             for update in entry.split_rounds():       # round by round: the same sums, bit for bit
                 self.apply(Update({k: v.to(device) for k, v in update.keys.items()},
                                   {k: v.to(device) for k, v in update.coeffs.items()}))
+            if self.memory is not None:               # the same Woodbury steps, in order
+                for name, k in entry.memory_keys.items():
+                    k = k.to(device)
+                    self.memory.add(name, k, *self.memory.factors(name, k))
         self.journal, self._norm_history = list(keep), history
         load_norm_state(self.hypernet, norm)
 

@@ -64,8 +64,15 @@ def gram_factor(K: Tensor, lam: Tensor | float) -> GramFactor:
     """Build and factorise M = K K^T + e^lam I (N x N)."""
     if K.dim() != 2:
         raise ValueError(f"K must be 2-d (N, d_in), got shape {tuple(K.shape)}")
-    M = K @ K.T
-    M.diagonal().add_(_ridge(lam, K))
+    return factor_gram(K @ K.T, lam)
+
+
+def factor_gram(gram: Tensor, lam: Tensor | float) -> GramFactor:
+    """Factorise M = gram + e^lam I for a given N x N Gram matrix (not modified)."""
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"the Gram matrix must be square, got shape {tuple(gram.shape)}")
+    M = gram.clone()
+    M.diagonal().add_(_ridge(lam, M))
     L, info = torch.linalg.cholesky_ex(M)
     # info > 0: not numerically positive definite (e.g. e^lam far below the round-off
     # of a rank-deficient K K^T). LU still returns the best answer the precision allows.

@@ -162,7 +162,7 @@ def is_registered() -> bool:
 
 # Fields that shape the hypernetwork or the edited modules: a change needs a new editor.
 _STRUCTURAL = ("archive", "inner_params", "rank", "n_blocks", "init_lr", "init_lam", "norm_eps",
-               "seed", "accumulate", "torch_dtype")
+               "seed", "accumulate", "torch_dtype", "edit_memory")
 
 
 class _HostState:

@@ -1,0 +1,82 @@
+"""Edit memory: later batches leave the keys of earlier edits alone (optional).
+
+The ridge penalises the weight change through a Tikhonov matrix ``A``: the identity in
+the paper, the key second moment with key whitening (core/whitening.py).  Neither knows
+which keys were already edited, so a later batch whose keys overlap an earlier one's
+moves its outputs too; over a long stream the earlier edits drift, and that drift is
+most of what end-of-stream efficacy loses.  With ``edit_memory: c > 0`` every applied
+batch's keys join the penalty,
+
+    A_t = A_0 + c * sum_{s < t} K_s^T K_s,
+
+so changing what an edited key reads out costs as much as ``c`` times that key's share
+of the statistics (the ridge counterpart of keeping past edits' keys in MEMIT's
+covariance).  The dual solve only needs ``P = A^-1``:
+
+    R = K P,   C = (R K^T + e^lam I)^-1 D,   dW = R^T C       (rank <= N, as before)
+
+and after each batch ``P`` takes the batch's keys by the Woodbury identity, using the
+``R`` the last round already computed (``P`` is symmetric, so ``P K^T = R^T``):
+
+    P <- P - R^T (I / c + R K^T)^-1 R                          (O(N d_in^2))
+
+``c`` is relative to ``A_0``: to one average token of the key statistics with
+whitening, to the identity without.  ``P`` costs one d_in x d_in matrix per edited
+module, in the keys' dtype, plus its starting value for :meth:`EditMemory.reset`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class EditMemory:
+    """``P_t = A_t^-1`` per edited module, grown by each applied batch's keys."""
+
+    def __init__(self, weight: float, whitening: Dict[str, Optional[Tensor]], dims: Dict[str, int]):
+        if weight <= 0:
+            raise ValueError(f"edit memory weight must be > 0, got {weight}")
+        self.weight = float(weight)
+        self._whitening, self._dims = whitening, dims
+        self._start: Dict[str, Tensor] = {}
+        self._now: Dict[str, Tensor] = {}
+
+    def _start_inverse(self, name: str, like: Tensor) -> Tensor:
+        """``P_0``: ``S^2`` with whitening (``S = A_0^(-1/2)``), else the identity."""
+        if name not in self._start:
+            s = self._whitening.get(name)
+            if s is None:
+                p = torch.eye(self._dims[name], dtype=like.dtype, device=like.device)
+            else:
+                s = s.to(device=like.device, dtype=torch.float64)
+                p = (s @ s).to(like.dtype)
+            self._start[name] = p
+        return self._start[name]
+
+    def inverse(self, name: str, like: Tensor) -> Tensor:
+        """``P_t`` of module ``name`` in ``like``'s dtype and device."""
+        if name not in self._now:
+            self._now[name] = self._start_inverse(name, like).clone()
+        return self._now[name]
+
+    def factors(self, name: str, keys: Tensor) -> Tuple[Tensor, Tensor]:
+        """``R = K P_t`` (the update's right factor) and the Gram matrix ``R K^T`` (no ridge)."""
+        right = keys @ self.inverse(name, keys)
+        return right, right @ keys.T
+
+    def add(self, name: str, keys: Tensor, right: Tensor, gram: Tensor) -> None:
+        """Woodbury: ``P <- P - R^T (I/c + K P K^T)^-1 R`` for ``R = K P``, ``gram = K P K^T``."""
+        p = self.inverse(name, keys)
+        x = (gram + gram.T) / 2
+        x.diagonal().add_(1.0 / self.weight)
+        chol, info = torch.linalg.cholesky_ex(x)
+        if int(info) != 0:   # I/c + K P K^T is positive definite; failing means a broken P
+            raise RuntimeError(f"edit memory of {name!r} lost positive definiteness")
+        z = torch.linalg.solve_triangular(chol, right, upper=False)     # L^-1 R
+        p.addmm_(z.T, z, alpha=-1.0)                                    # symmetric rank-N downdate
+
+    def reset(self) -> None:
+        """Back to ``P_0`` (the pristine weights' memory)."""
+        self._now.clear()
