@@ -19,7 +19,7 @@ def test_woodbury_inverse_equals_the_direct_inverse(whitened):
     d, c = 9, 0.3
     x = torch.randn(60, d, dtype=torch.float64) @ torch.randn(d, d, dtype=torch.float64)
     s = whitening_matrix(x.T @ x / 60, 0.05).double() if whitened else None
-    memory = EditMemory(c, {"m": s}, {"m": d})
+    memory = EditMemory(c, {"m": s}.get, {"m": d})
     a = torch.linalg.inv(s @ s) if whitened else torch.eye(d, dtype=torch.float64)
     for n in (3, 1, 5, 4):                                 # overlapping batches: more rows than d
         k = torch.randn(n, d, dtype=torch.float64)
@@ -34,7 +34,7 @@ def test_woodbury_inverse_equals_the_direct_inverse(whitened):
     start = torch.linalg.inv(torch.linalg.inv(s @ s)) if whitened else torch.eye(d, dtype=torch.float64)
     torch.testing.assert_close(memory.inverse("m", k), start, rtol=1e-9, atol=1e-10)
     with pytest.raises(ValueError, match="> 0"):
-        EditMemory(0.0, {"m": None}, {"m": d})
+        EditMemory(0.0, {"m": None}.get, {"m": d})
 
 
 def _editor(random_gpt2, world, whitened, **kw):

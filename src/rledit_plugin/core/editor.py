@@ -118,9 +118,10 @@ class RLEditor:
         self._residuals = {n: make_residual(weight_view(m), hparams.accumulate) for n, m in self.modules.items()}
         self.memory = None
         if hparams.edit_memory > 0:
-            self.memory = EditMemory(hparams.edit_memory,
-                                     {n: self.hypernet.whitening(n) for n in names},
+            self.memory = EditMemory(hparams.edit_memory, self.hypernet.whitening,
                                      {n: io_dims(m)[0] for n, m in self.modules.items()})
+            weight = next(iter(self.modules.values())).weight     # keys come out at >= float32
+            self.memory.prepare(torch.promote_types(weight.dtype, torch.float32), weight.device)
 
     def _init_whitening(self, texts: Optional[Sequence[str]]) -> None:
         hp = self.hparams

@@ -26,7 +26,7 @@ module, in the keys' dtype, plus its starting value for :meth:`EditMemory.reset`
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,7 +35,8 @@ from torch import Tensor
 class EditMemory:
     """``P_t = A_t^-1`` per edited module, grown by each applied batch's keys."""
 
-    def __init__(self, weight: float, whitening: Dict[str, Optional[Tensor]], dims: Dict[str, int]):
+    def __init__(self, weight: float, whitening: Callable[[str], Optional[Tensor]], dims: Dict[str, int]):
+        """``whitening(name)``: the module's ``S`` or None; ``dims``: each module's ``d_in``."""
         if weight <= 0:
             raise ValueError(f"edit memory weight must be > 0, got {weight}")
         self.weight = float(weight)
@@ -43,10 +44,18 @@ class EditMemory:
         self._start: Dict[str, Tensor] = {}
         self._now: Dict[str, Tensor] = {}
 
+    def prepare(self, dtype: torch.dtype, device) -> None:
+        """Build every module's ``P_0`` now (one d_in^3 product each with whitening: 1.1 s for
+        d_in 3072 on one CPU thread), so that the first edit does not pay for it."""
+        like = torch.empty(0, dtype=dtype, device=device)
+        for name in self._dims:
+            self._start_inverse(name, like)
+
     def _start_inverse(self, name: str, like: Tensor) -> Tensor:
         """``P_0``: ``S^2`` with whitening (``S = A_0^(-1/2)``), else the identity."""
-        if name not in self._start:
-            s = self._whitening.get(name)
+        start = self._start.get(name)
+        if start is None or start.dtype != like.dtype or start.device != like.device:
+            s = self._whitening(name)
             if s is None:
                 p = torch.eye(self._dims[name], dtype=like.dtype, device=like.device)
             else:
@@ -57,9 +66,13 @@ class EditMemory:
 
     def inverse(self, name: str, like: Tensor) -> Tensor:
         """``P_t`` of module ``name`` in ``like``'s dtype and device."""
-        if name not in self._now:
-            self._now[name] = self._start_inverse(name, like).clone()
-        return self._now[name]
+        now = self._now.get(name)
+        if now is None:
+            now = self._now[name] = self._start_inverse(name, like).clone()
+        elif now.dtype != like.dtype or now.device != like.device:   # keep what it holds
+            now = self._now[name] = now.to(device=like.device, dtype=like.dtype)
+            self._start_inverse(name, like)
+        return now
 
     def factors(self, name: str, keys: Tensor) -> Tuple[Tensor, Tensor]:
         """``R = K P_t`` (the update's right factor) and the Gram matrix ``R K^T`` (no ridge)."""
@@ -78,5 +91,6 @@ class EditMemory:
         p.addmm_(z.T, z, alpha=-1.0)                                    # symmetric rank-N downdate
 
     def reset(self) -> None:
-        """Back to ``P_0`` (the pristine weights' memory)."""
-        self._now.clear()
+        """Back to ``P_0`` (the pristine weights' memory), in place: no new d_in x d_in buffers."""
+        for name, now in self._now.items():
+            now.copy_(self._start[name])
