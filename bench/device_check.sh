@@ -10,6 +10,8 @@
 #                                          ranks 8 and 16) -> edit turn on the GPU
 #   bash bench/device_check.sh edit-turn   prefix-reuse tests (the device's transformers) -> edit turn
 #                                          on the GPU, with and without prefix reuse
+#   bash bench/device_check.sh memory      edit-memory tests (the device's torch/transformers) -> edit
+#                                          turn on the GPU at the default (edit memory on)
 # Writes under $OUT (the device tool's folder), else bench/results/device.
 # Each step has its own time limit, so one failing step still leaves the others' numbers.
 set -u
@@ -22,6 +24,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 step() { local limit=$1; shift; echo "== $* (limit ${limit}s)"; local t0=$SECONDS
          timeout "$limit" "$@"; echo "== rc $? after $((SECONDS - t0)) s"; }
+if [ "$MODE" = memory ]; then     # the edit memory on the device's torch/transformers, GPU edit turn
+    step 200 python3 -m pytest -q -p no:cacheprovider tests/test_memory.py tests/test_core.py \
+        -k "memory or meta_gradient or round_trip or rollback"
+    step 240 python3 bench/bench_edit_turn.py --device cuda --threads 1 --whitening on --repeats 15 \
+        --repeats-embedded 31 --warmup 3 --out-dir "$OUT" --name edit_turn_cuda_memory
+    exit 0
+fi
 if [ "$MODE" = edit-turn ]; then
     step 120 python3 -m pytest -q -p no:cacheprovider tests/test_prefix.py tests/test_whitening.py
     step 240 python3 bench/bench_edit_turn.py --device cuda --threads 1 --whitening on --repeats 15 \

@@ -13,16 +13,20 @@ from rledit_plugin.hparams import HParamsError, RLEditHyperParams
 MODULE = "transformer.h.1.mlp.c_proj"
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("whitened", [False, True])
-def test_woodbury_inverse_equals_the_direct_inverse(whitened):
+def test_woodbury_inverse_equals_the_direct_inverse(whitened, device):
     torch.manual_seed(0)
     d, c = 9, 0.3
     x = torch.randn(60, d, dtype=torch.float64) @ torch.randn(d, d, dtype=torch.float64)
-    s = whitening_matrix(x.T @ x / 60, 0.05).double() if whitened else None
+    s = whitening_matrix(x.T @ x / 60, 0.05).double().to(device) if whitened else None
     memory = EditMemory(c, {"m": s}.get, {"m": d})
-    a = torch.linalg.inv(s @ s) if whitened else torch.eye(d, dtype=torch.float64)
+    a = torch.linalg.inv(s @ s) if whitened else torch.eye(d, dtype=torch.float64, device=device)
     for n in (3, 1, 5, 4):                                 # overlapping batches: more rows than d
-        k = torch.randn(n, d, dtype=torch.float64)
+        k = torch.randn(n, d, dtype=torch.float64).to(device)
         right, gram = memory.factors("m", k)
         p = memory.inverse("m", k)
         torch.testing.assert_close(right, k @ p)
@@ -31,7 +35,7 @@ def test_woodbury_inverse_equals_the_direct_inverse(whitened):
         a = a + c * k.T @ k
         torch.testing.assert_close(memory.inverse("m", k), torch.linalg.inv(a), rtol=1e-9, atol=1e-10)
     memory.reset()
-    start = torch.linalg.inv(torch.linalg.inv(s @ s)) if whitened else torch.eye(d, dtype=torch.float64)
+    start = s @ s if whitened else torch.eye(d, dtype=torch.float64, device=device)
     torch.testing.assert_close(memory.inverse("m", k), start, rtol=1e-9, atol=1e-10)
     with pytest.raises(ValueError, match="> 0"):
         EditMemory(0.0, {"m": None}.get, {"m": d})
