@@ -49,7 +49,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from rledit_plugin.core.capture import answer_token_loss, capture  # noqa: E402
 from rledit_plugin.core.editor import RLEditor  # noqa: E402
-from rledit_plugin.core.solve import ridge_dual  # noqa: E402
+from rledit_plugin.core.solve import factor_gram, ridge_dual  # noqa: E402
 from rledit_plugin.core.whitening import record_texts  # noqa: E402
 from rledit_plugin.data.records import edit_batch  # noqa: E402
 from rledit_plugin.hparams import RLEditHyperParams  # noqa: E402
@@ -60,7 +60,7 @@ from rledit_plugin.world.tiny_lm import random_tiny_lm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_HPARAMS = ROOT / "hparams" / "RLEdit" / "tiny.yaml"
-PARTS = ("tokenise", "capture", "hypernet", "whiten", "solve", "apply")
+PARTS = ("tokenise", "capture", "hypernet", "whiten", "solve", "apply", "memory")
 CLOCKS = ("cpu", "wall")
 
 
@@ -139,7 +139,7 @@ def edit_turn_parts(editor: RLEditor, records, times: Dict[str, Dict[str, float]
     lap("tokenise")
     cap = capture(editor.model, editor.modules, batch, minibatch=hp.edit_minibatch)
     lap("capture")
-    coeffs, right = {}, {}
+    coeffs, right, grams = {}, {}, {}
     with torch.no_grad():
         for name in editor.modules:
             k, g = cap.keys[name], cap.grads[name]
@@ -147,6 +147,12 @@ def edit_turn_parts(editor: RLEditor, records, times: Dict[str, Dict[str, float]
                 editor.hypernet.update_norm(name, k, g)
             d = editor.hypernet.values(name, k, g)
             lap("hypernet")
+            if editor.memory is not None:       # K P and its Gram matrix, then the dual solve
+                right[name], grams[name] = editor.memory.factors(name, k)
+                lap("whiten")
+                coeffs[name] = factor_gram(grams[name], editor.hypernet.lam(name)).solve(d)
+                lap("solve")
+                continue
             s = editor.hypernet.whitening(name)
             k_solve = k if s is None else k @ s.to(k.dtype)
             lap("whiten")
@@ -155,9 +161,13 @@ def edit_turn_parts(editor: RLEditor, records, times: Dict[str, Dict[str, float]
             right[name] = k if s is None else k_solve @ s.to(k.dtype)
             lap("whiten")
         for name, module in editor.modules.items():
-            apply_low_rank_(weight_view(module), coeffs[name].t(), right[name], 1.0,
+            apply_low_rank_(weight_view(module), coeffs[name].t().contiguous(), right[name], 1.0,
                             residual=editor._residuals[name], path=hp.kernel_path)
         lap("apply")
+        if editor.memory is not None:           # once per batch, after its last round
+            for name in editor.modules:
+                editor.memory.add(name, cap.keys[name], right[name], grams[name])
+            lap("memory")
     return coeffs, cap.n_rows
 
 
@@ -227,7 +237,7 @@ def bench_setup(name: str, device: str, n_records: int, repeats: int, warmup: in
                 if r >= warmup:
                     for c in CLOCKS:
                         for p in PARTS:
-                            parts[c][p].append(t[c][p])
+                            parts[c][p].append(t[c].get(p, 0.0))
                 continue
             prepare, run = timers[key]
             prepare()
