@@ -123,7 +123,8 @@ class RLEditHyperParams(_YamlParams):
     whitening_damping: float = 0.01
     whitening_texts: Optional[str] = None   # text file, one per line; default: the training records
     # > 0: the ridge also penalises changes along the keys of batches already applied, each
-    # key weighted by this much (relative to one token of the key statistics); core/memory.py
+    # key weighted by this much (relative to one token of the key statistics with whitening,
+    # to the identity without); core/memory.py
     edit_memory: float = 0.0
 
     def validate(self, source: str = "<hparams>") -> None:

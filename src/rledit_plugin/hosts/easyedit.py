@@ -160,7 +160,8 @@ def is_registered() -> bool:
 
 # --------------------------------------------------------------------------- one editor per model
 
-# Fields that shape the hypernetwork or the edited modules: a change needs a new editor.
+# Fields that shape the hypernetwork, the edited modules or the edit memory: a change needs a
+# new editor.
 _STRUCTURAL = ("archive", "inner_params", "rank", "n_blocks", "init_lr", "init_lam", "norm_eps",
                "seed", "accumulate", "torch_dtype", "edit_memory")
 
