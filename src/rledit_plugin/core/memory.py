@@ -53,8 +53,7 @@ class EditMemory:
 
     def _start_inverse(self, name: str, like: Tensor) -> Tensor:
         """``P_0``: ``S^2`` with whitening (``S = A_0^(-1/2)``), else the identity."""
-        start = self._start.get(name)
-        if start is None or start.dtype != like.dtype or start.device != like.device:
+        if name not in self._start:
             s = self._whitening(name)
             if s is None:
                 p = torch.eye(self._dims[name], dtype=like.dtype, device=like.device)
@@ -71,7 +70,6 @@ class EditMemory:
             now = self._now[name] = self._start_inverse(name, like).clone()
         elif now.dtype != like.dtype or now.device != like.device:   # keep what it holds
             now = self._now[name] = now.to(device=like.device, dtype=like.dtype)
-            self._start_inverse(name, like)
         return now
 
     def factors(self, name: str, keys: Tensor) -> Tuple[Tensor, Tensor]:
@@ -93,4 +91,4 @@ class EditMemory:
     def reset(self) -> None:
         """Back to ``P_0`` (the pristine weights' memory), in place: no new d_in x d_in buffers."""
         for name, now in self._now.items():
-            now.copy_(self._start[name])
+            now.copy_(self._start[name])          # copy_ converts dtype and device if they differ

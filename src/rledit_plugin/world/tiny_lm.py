@@ -44,8 +44,8 @@ class TinyLMConfig:
     wide because its hidden units are the keys RLEdit edits: the more key
     dimensions, the less each edit leaks into other prompts (docs/TUNING.md
     sections 5 and 7: at the end of the 2,000-edit demo stream d_ff 384 kept
-    0.28 efficacy, 1536 0.58, 3072 0.78).  The wider MLP learns more slowly,
-    hence the smaller step and two more epochs.
+    0.28 efficacy, 1536 0.58, 3072 0.78, before the edit memory).  The wider
+    MLP learns more slowly, hence the smaller step and two more epochs.
     """
     d_model: int = 192
     n_layer: int = 1
