@@ -1,4 +1,5 @@
-"""Forward-prefix reuse between edit rounds: same weights bit for bit, less forward."""
+"""Forward-prefix reuse between edit rounds: same weights (bit for bit without the low-rank
+head shortcut, to rounding with it), less forward."""
 import copy
 from unittest import mock
 
@@ -13,31 +14,59 @@ from rledit_plugin.models import get_module
 from rledit_plugin.world.tiny_lm import random_tiny_lm
 
 
-def _edit_both_ways(model, tok, records, **kw):
+def _edit_both_ways(model, tok, records, low_rank_head=True, **kw):
     """Weights after a 3-round edit with and without prefix reuse, and the reusing editor."""
     base = dict(rank=8, n_blocks=1, init_lr=5e-2, max_length=48, edit_minibatch=2, edit_steps=3)
     base.update(kw)
-    out = []
+    out, heads = [], []
+
+    class Recording(ForwardPrefix):
+        def __init__(self, model, edited, **_):
+            super().__init__(model, edited, low_rank_head=low_rank_head)
+            heads.append(self)
     for reuse in (True, False):
         editor = RLEditor(copy.deepcopy(model), tok, RLEditHyperParams(reuse_prefix=reuse, **base))
-        editor.edit(records)
+        with mock.patch("rledit_plugin.core.editor.ForwardPrefix", Recording):
+            editor.edit(records)
         out.append(editor)
-    return out
+    return out + [heads[0]]
 
 
-@pytest.mark.parametrize("arch, modules", [
-    ("gpt2", ["transformer.h.1.mlp.c_proj"]),
-    ("gpt2", ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc"]),
-    ("llama", ["model.layers.1.mlp.down_proj"]),
-])
+CASES = [("gpt2", ["transformer.h.1.mlp.c_proj"]),
+         ("gpt2", ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc"]),
+         ("llama", ["model.layers.1.mlp.down_proj"])]
+
+
+@pytest.mark.parametrize("arch, modules", CASES)
 def test_rounds_reusing_the_prefix_give_bit_identical_weights(arch, modules, world, _world_tokenizer):
     model, tok = random_tiny_lm(arch=arch, tok=copy.deepcopy(_world_tokenizer),
                                 d_model=32, n_layer=2, n_head=2, d_ff=64)
     records = world.eval_records[:5]                    # 3 minibatches of 2, 2, 1 records
-    reusing, plain = _edit_both_ways(model, tok, records, inner_params=modules)
+    reusing, plain, prefix = _edit_both_ways(model, tok, records, low_rank_head=False, inner_params=modules)
+    assert prefix.head is None
     assert any(not torch.equal(plain.modules[n].weight, get_module(model, n).weight) for n in modules)
     for name in modules:
         assert torch.equal(reusing.modules[name].weight, plain.modules[name].weight), name
+
+
+@pytest.mark.parametrize("memory", [0.0, 1e-2])   # with the memory the rounds share one K P
+@pytest.mark.parametrize("arch, modules", CASES)
+def test_the_low_rank_head_shortcut_matches_recomputing_the_head(arch, modules, memory, world,
+                                                                 _world_tokenizer):
+    """The editor's default: the first edited module's output = recorded + x K^T C per round."""
+    model, tok = random_tiny_lm(arch=arch, tok=copy.deepcopy(_world_tokenizer),
+                                d_model=32, n_layer=2, n_head=2, d_ff=64)
+    model.double()                     # float64: what is left is the order of the sums
+    records = world.eval_records[:5]
+    reusing, plain, prefix = _edit_both_ways(model, tok, records, inner_params=modules, edit_memory=memory)
+    assert prefix.head is get_module(reusing.model, modules[0])      # the shortcut ran
+    # one x K^T per distinct right factor: the memory's K P is shared by the 3 rounds
+    assert len(prefix._head_updates) == (1 if memory else 3)
+    for name in modules:
+        before = get_module(model, name).weight
+        change = (plain.modules[name].weight - before).abs().max()
+        gap = (reusing.modules[name].weight - plain.modules[name].weight).abs().max()
+        assert change > 1e-4 and gap < 1e-12 * change.clamp(min=1), (name, change, gap)
 
 
 def test_later_rounds_skip_everything_before_the_first_edited_module(random_gpt2, world):
@@ -51,9 +80,10 @@ def test_later_rounds_skip_everything_before_the_first_edited_module(random_gpt2
     with mock.patch.object(conv1d, "forward", autospec=True,
                            side_effect=lambda mod, x: calls.append(mod) or real(mod, x)):
         editor.edit(world.eval_records[:4])           # 2 minibatches x 3 rounds
-    # round 1: all 8 Conv1D of both layers; rounds 2-3: only the edited one
-    assert len(calls) == 2 * 8 + 2 * 2 * 1
-    assert calls[-4:] == [model.transformer.h[1].mlp.c_proj] * 4
+    # round 1: all 8 Conv1D of both layers; rounds 2-3: none, the edited one included (its
+    # recorded output plus the rounds' low-rank corrections)
+    assert len(calls) == 2 * 8
+    assert calls[-1] is model.transformer.h[1].mlp.c_proj
 
     prefix = ForwardPrefix(model, editor.modules)
     with prefix.around(0):
@@ -71,7 +101,8 @@ def test_modules_with_hooks_of_their_own_keep_running(random_gpt2, world):
     seen = []
     model.transformer.h[0].attn.register_forward_hook(lambda mod, args, out: seen.append(out[0].sum()))
     records = world.eval_records[:4]
-    reusing, plain = _edit_both_ways(model, tok, records, inner_params=["transformer.h.1.mlp.c_proj"])
+    reusing, plain, _ = _edit_both_ways(model, tok, records, low_rank_head=False,
+                                        inner_params=["transformer.h.1.mlp.c_proj"])
     assert len(seen) == 2 * 2 * 3      # both editors: 2 minibatches x 3 rounds each
     w = "transformer.h.1.mlp.c_proj"
     assert torch.equal(reusing.modules[w].weight, plain.modules[w].weight)
@@ -89,7 +120,8 @@ def test_a_tied_embedding_of_an_edited_head_is_recomputed(world, _world_tokenize
     model.tie_weights()
     assert model.lm_head.weight is model.transformer.wte.weight
     records = world.eval_records[:3]
-    reusing, plain = _edit_both_ways(model, tok, records, inner_params=["lm_head"], init_lr=1e-1)
+    reusing, plain, prefix = _edit_both_ways(model, tok, records, inner_params=["lm_head"], init_lr=1e-1)
+    assert prefix.head is None                # the edited weight is first read by the embedding
     assert torch.equal(reusing.model.lm_head.weight, plain.model.lm_head.weight)
     prefix = ForwardPrefix(reusing.model, reusing.modules)
     with prefix.around(0):

@@ -164,7 +164,7 @@ class RLEditor:
                 k, g = cap.keys[name], cap.grads[name]
                 if update_norm:
                     self.hypernet.update_norm(name, k, g)
-                d = self.hypernet.values(name, k, g)
+                d = self.hypernet.values(name, k, g).to(k.dtype)   # an fp64 model: fp64 solve
                 values[name] = d
                 same_keys = previous is not None and torch.equal(previous.capture.keys[name], k)
                 if self.memory is not None:      # P changes between batches, not between rounds
@@ -208,13 +208,17 @@ class RLEditor:
             raise ValueError("no records to edit")
         hp = self.hparams
         batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
-        prefix = ForwardPrefix(self.model, self.modules) if hp.edit_steps > 1 and hp.reuse_prefix else None
+        prefix = (ForwardPrefix(self.model, self.modules, low_rank_head=True)
+                  if hp.edit_steps > 1 and hp.reuse_prefix else None)
         rounds = []
         for step in range(hp.edit_steps):
             update = self.compute_update(records, update_norm=update_norm if step == 0 else False,
                                          batch=batch, previous=rounds[-1] if rounds else None,
                                          prefix=prefix)
             self.apply(update)
+            if prefix is not None:
+                for name, module in self.modules.items():
+                    prefix.applied(module, update.keys[name], update.coeffs[name])
             rounds.append(update)
         if self.memory is not None:     # the last round's keys are the ones now written
             last = rounds[-1]

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+
+from ..models import is_conv1d
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -49,13 +51,17 @@ def _versions(obj: Any) -> List[int]:
 class ForwardPrefix:
     """Outputs of the modules that run before the first edited module, per minibatch."""
 
-    def __init__(self, model: nn.Module, edited: Mapping[str, nn.Module]):
+    def __init__(self, model: nn.Module, edited: Mapping[str, nn.Module], low_rank_head: bool = False):
         self.model = model
         self.edited = list(edited.values())
         self.enabled = True
         self.skip: Optional[List[nn.Module]] = None   # the outermost qualifying modules
         self._outputs: Dict[int, List[Any]] = {}       # minibatch -> their recorded outputs
         self._versions: Dict[int, List[List[int]]] = {}
+        # the first edited module, replayed as recorded output + low-rank corrections
+        self.head: Optional[nn.Module] = None
+        self._low_rank_head = low_rank_head
+        self._head_updates: List[Tuple[torch.Tensor, torch.Tensor]] = []   # (K, C) since recording
 
     @contextlib.contextmanager
     def around(self, minibatch: int) -> Iterator[None]:
@@ -111,7 +117,23 @@ class ForwardPrefix:
         parents = {c: p for p in modules for c in p.children()}
         self.skip = sorted((m for m in qualifies if parents.get(m) not in qualifies),
                            key=lambda m: enter[m][0])
-        self._keep(minibatch, [outputs[m] for m in self.skip])
+        head = next(m for m in modules if m in enter and enter[m][0] == first)
+        if (self._low_rank_head and head in self.edited and len(enter[head]) == 1
+                and (type(head) is nn.Linear or is_conv1d(head))):
+            self.head = head
+        self._keep(minibatch, [outputs[m] for m in self._recorded()])
+
+    def _recorded(self) -> List[nn.Module]:
+        return self.skip + ([self.head] if self.head is not None else [])
+
+    def applied(self, module: nn.Module, keys: torch.Tensor, coeffs: torch.Tensor) -> None:
+        """The editor added ``keys^T @ coeffs`` to ``module``'s weight (d_in x d_out view)."""
+        if module is not self.head:
+            return
+        if self._head_updates and self._head_updates[-1][0] is keys:   # rounds sharing K (P or S
+            self._head_updates[-1] = (keys, self._head_updates[-1][1] + coeffs)  # fixed): one x K^T
+        else:
+            self._head_updates.append((keys, coeffs))
 
     @contextlib.contextmanager
     def _record(self, minibatch: int) -> Iterator[None]:
@@ -119,40 +141,58 @@ class ForwardPrefix:
 
         def post(mod, args, out):
             outputs[mod] = (out, _versions(out))
-        handles = [m.register_forward_hook(post) for m in self.skip]
+        if self._head_updates:      # minibatches recorded in a later round: no head shortcut
+            self.head, self._head_updates = None, []
+        handles = [m.register_forward_hook(post) for m in self._recorded()]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
-        self._keep(minibatch, [outputs[m] for m in self.skip])
+        self._keep(minibatch, [outputs[m] for m in self._recorded()])
 
     def _keep(self, minibatch: int, recorded: List[Any]) -> None:
         """Keep one minibatch's outputs unless the forward changed one in place after it returned."""
         if any(_versions(out) != versions for out, versions in recorded):
             self._disable()
         else:
-            self._outputs[minibatch] = [out for out, _ in recorded]
+            self._outputs[minibatch] = [_detach(out) for out, _ in recorded]
             self._versions[minibatch] = [versions for _, versions in recorded]
 
     def _disable(self) -> None:
         self.enabled = False
+        self.head, self._head_updates = None, []
         self._outputs.clear()
         self._versions.clear()
 
     @contextlib.contextmanager
     def _replay(self, minibatch: int) -> Iterator[None]:
         outputs = self._outputs[minibatch]
-        saved = [m.__dict__.get("forward") for m in self.skip]   # e.g. an accelerate wrapper
+        replayed = self._recorded()
+        saved = [m.__dict__.get("forward") for m in replayed]   # e.g. an accelerate wrapper
         for module, out in zip(self.skip, outputs):
             module.forward = lambda *args, __out=out, **kwargs: __out
+        if self.head is not None:
+            self.head.forward = lambda x, __out=outputs[-1]: self._corrected(__out, x)
         try:
             yield
         finally:
-            for module, forward in zip(self.skip, saved):
+            for module, forward in zip(replayed, saved):
                 if forward is None:
                     del module.forward        # back to the class's forward
                 else:
                     module.forward = forward
         if [_versions(o) for o in outputs] != self._versions[minibatch]:
             self._disable()               # changed in place downstream: later rounds run it all
+
+    def _corrected(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The head's output on its current weight: recorded output + x dW for each update."""
+        total = out
+        for keys, coeffs in self._head_updates:
+            total = total + ((x.to(keys.dtype) @ keys.t()) @ coeffs).to(out.dtype)
+        return total
+
+
+def _detach(obj: Any) -> Any:
+    # the capture makes the head's output a graph leaf; its recorded copy must not carry that
+    return obj.detach() if isinstance(obj, torch.Tensor) else obj
