@@ -113,6 +113,21 @@ def test_modules_with_hooks_of_their_own_keep_running(random_gpt2, world):
     assert reusing.model.transformer.h[0].ln_1 in prefix.skip           # its siblings still skip
 
 
+def test_a_hook_rewriting_the_first_edited_modules_output_runs_once_per_round(random_gpt2, world):
+    """The shortcut replays the module's own output; somebody else's hook still rewrites it."""
+    model, tok = random_gpt2
+    model.double()
+    name = "transformer.h.1.mlp.c_proj"
+    calls = []
+    get_module(model, name).register_forward_hook(lambda mod, args, out: calls.append(1) or out * 1.5)
+    reusing, plain, prefix = _edit_both_ways(model, tok, world.eval_records[:4], inner_params=[name])
+    assert prefix.head is get_module(reusing.model, name)
+    assert len(calls) == 2 * 2 * 3      # both editors: 2 minibatches x 3 rounds each
+    change = (plain.modules[name].weight - get_module(model, name).weight).abs().max()
+    gap = (reusing.modules[name].weight - plain.modules[name].weight).abs().max()
+    assert change > 1e-4 and gap < 1e-12, (float(change), float(gap))
+
+
 def test_a_tied_embedding_of_an_edited_head_is_recomputed(world, _world_tokenizer):
     model, tok = random_tiny_lm(arch="gpt2", tok=copy.deepcopy(_world_tokenizer),
                                 d_model=32, n_layer=2, n_head=2, d_ff=64)

@@ -9,6 +9,7 @@ from rledit_plugin.core.solve import ridge_dual
 from rledit_plugin.core.whitening import (key_second_moments, read_texts, record_texts,
                                           whitening_matrix)
 from rledit_plugin.hparams import HParamsError, RLEditHyperParams
+from rledit_plugin.models import get_module
 
 MODULES = ["transformer.h.1.mlp.c_proj"]
 
@@ -104,9 +105,12 @@ def test_later_rounds_reuse_the_whitened_keys_only_where_the_keys_are_unchanged(
     s = reusing.hypernet.whitening(names[1])
     torch.testing.assert_close(second.keys[names[1]], second.capture.keys[names[1]] @ s @ s,
                                rtol=1e-5, atol=1e-6)
-    # and the weights are bit-identical to rounds computed without any reuse
+    # and the weights are those of rounds computed without any reuse (to rounding: a later
+    # round's h.0 output is its recorded output plus the low-rank correction, core/prefix.py)
     plain = RLEditor(copy.deepcopy(model), tok, hp, whitening_texts=texts)
     for step in range(2):
         plain.apply(plain.compute_update(records, update_norm=None if step == 0 else False))
     for name in names:
-        assert torch.equal(reusing.modules[name].weight, plain.modules[name].weight)
+        change = (plain.modules[name].weight - get_module(model, name).weight).abs().max()
+        gap = (reusing.modules[name].weight - plain.modules[name].weight).abs().max()
+        assert change > 1e-4 and gap < 1e-4 * change, (name, float(change), float(gap))

@@ -95,7 +95,7 @@ class ForwardPrefix:
         modules = [m for m in self.model.modules() if m is not self.model]
         hooked = {m for m in modules if m._forward_hooks or m._forward_pre_hooks}   # not ours: kept running
         handles = [h for m in modules for h in (m.register_forward_pre_hook(pre),
-                                                m.register_forward_hook(post))]
+                                                m.register_forward_hook(post, prepend=True))]
         try:
             yield
         finally:
@@ -143,7 +143,9 @@ class ForwardPrefix:
             outputs[mod] = (out, _versions(out))
         if self._head_updates:      # minibatches recorded in a later round: no head shortcut
             self.head, self._head_updates = None, []
-        handles = [m.register_forward_hook(post) for m in self._recorded()]
+        # prepend: the head's own output, before any hook of somebody else's rewrites it
+        # (a replayed forward returns it, and their hooks run on it again)
+        handles = [m.register_forward_hook(post, prepend=True) for m in self._recorded()]
         try:
             yield
         finally:
@@ -173,7 +175,8 @@ class ForwardPrefix:
         for module, out in zip(self.skip, outputs):
             module.forward = lambda *args, __out=out, **kwargs: __out
         if self.head is not None:
-            self.head.forward = lambda x, __out=outputs[-1]: self._corrected(__out, x)
+            self.head.forward = lambda *args, __out=outputs[-1], **kwargs: self._corrected(
+                __out, args[0] if args else next(iter(kwargs.values())))
         try:
             yield
         finally:
