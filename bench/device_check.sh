@@ -32,9 +32,10 @@ if [ "$MODE" = memory ]; then     # the edit memory on the device's torch/transf
     exit 0
 fi
 if [ "$MODE" = edit-turn ]; then
-    step 120 python3 -m pytest -q -p no:cacheprovider tests/test_prefix.py tests/test_whitening.py
+    step 150 python3 -m pytest -q -p no:cacheprovider tests/test_prefix.py tests/test_whitening.py \
+        tests/test_memory.py
     step 240 python3 bench/bench_edit_turn.py --device cuda --threads 1 --whitening on --repeats 15 \
-        --repeats-embedded 31 --warmup 3 --out-dir "$OUT" --name edit_turn_cuda_prefix
+        --repeats-embedded 31 --warmup 3 --out-dir "$OUT" --name "${NAME:-edit_turn_cuda_prefix}"
     exit 0
 fi
 step 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda or default_modes"
