@@ -1,6 +1,7 @@
 """A/B: fp32 factors of rank N (not a multiple of 16) through the `ieee` dot, as they are vs
 zero-padded to the next multiple of 16 (padding inside the timed call, and pre-padded)."""
-import json, sys
+import json
+
 import torch
 import torch.nn.functional as F
 import triton.testing
