@@ -313,3 +313,37 @@ def test_validation_edits_the_way_the_editor_does(random_gpt2, world, tmp_path, 
         assert not torch.equal(scored[f"{name}.weight"], before[f"{name}.weight"])
         torch.testing.assert_close(scored[f"{name}.weight"], model.state_dict()[f"{name}.weight"],
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loc_reference", ["step", "initial"])
+def test_locality_reference_is_the_pre_step_or_the_initial_model(random_gpt2, world, tmp_path,
+                                                                 loc_reference):
+    """``loc_reference: step`` scores KL against W_{t-1}; ``initial`` against W_0 for every
+    window entry, so at the second step the two references differ (the first edit moved them)."""
+    model, tok = random_gpt2
+    model = copy.deepcopy(model)
+    hp = _train_hp(GPT2_MODULES, tmp_path, traj_len=2, n_trajectories=1, back_depth=2,
+                   init_lr=5e-2, loc_reference=loc_reference)
+    trainer = SequenceTrainer(model, tok, hp, progress=False)
+    batches = trainer._trajectory(world.train_records)
+    trainer.rng.seed(hp.seed)                     # run_trajectory replays the same batches
+    with torch.no_grad():                         # log p_{W_0} on each batch's locality prompts
+        pristine = []
+        for b in batches:
+            loc = locality_batch(tok, b, hp.max_length)
+            logits = model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
+            pristine.append(torch.log_softmax(logits[:, :-1], -1)[loc["labels"][:, 1:] != -100])
+    seen = []
+    real = trainer._edited_loss_backward
+    def spy(window, ref):
+        seen.append([torch.cat(r) for r in ref])
+        return real(window, ref)
+    trainer._edited_loss_backward = spy
+    trainer.run_trajectory(world.train_records)
+    assert [len(refs) for refs in seen] == [1, 2]           # window: batch t, then t-1
+    torch.testing.assert_close(seen[0][0], pristine[0])     # t = 0: W_{t-1} is W_0 either way
+    for ref, t in zip(seen[1], (1, 0)):
+        if loc_reference == "initial":
+            torch.testing.assert_close(ref, pristine[t])
+        else:
+            assert (ref - pristine[t]).abs().max() > 1e-4

@@ -54,6 +54,13 @@ def test_bad_values_name_the_key(tmp_path, text, key):
         RLEditHyperParams.from_hparams(_write(tmp_path, text))
 
 
+@pytest.mark.parametrize("text, key", [("loc_reference: start\n", "loc_reference"),
+                                       ("reg_mode: l2\n", "reg_mode"), ("traj_len: 0\n", "traj_len")])
+def test_bad_training_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(HParamsError, match=rf"x\.yaml: key '{key}'"):
+        RLEditTrainingHyperParams.from_hparams(_write(tmp_path, text))
+
+
 def test_yaml_exponent_without_a_dot_is_a_float_and_round_trip(tmp_path):
     # PyYAML reads "1e-2" (no dot) as a string; the loader turns it into the float it means
     hp = RLEditHyperParams.from_hparams(_write(tmp_path, "init_lr: 1e-2\nedit_steps: 2\n"))

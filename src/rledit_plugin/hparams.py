@@ -161,6 +161,7 @@ class RLEditTrainingHyperParams(RLEditHyperParams):
     steps_per_trajectory: int = 1  # optimiser steps; the reference takes 1 in total
     meta_lr: float = 1e-5
     loc_coef: float = 0.6
+    loc_reference: str = "step"  # KL against "step": W_{t-1} (the paper); "initial": W_0 of the trajectory
     reg_coef: float = 1e-4
     reg_mode: str = "paper"      # "paper": real gradient; "reference": inert as in the reference code
     time_decay: float = 0.95
@@ -174,6 +175,8 @@ class RLEditTrainingHyperParams(RLEditHyperParams):
         super().validate(source)
         if self.reg_mode not in ("paper", "reference"):
             raise HParamsError(f"{source}: key 'reg_mode' must be 'paper' or 'reference'")
+        if self.loc_reference not in ("step", "initial"):
+            raise HParamsError(f"{source}: key 'loc_reference' must be 'step' or 'initial'")
         for key in ("n_edits", "traj_len", "steps_per_trajectory", "back_depth", "loss_minibatch"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"{source}: key '{key}' must be >= 1")

@@ -8,7 +8,9 @@ the model that steps ``1..t-1`` produced).  At each step the edited model
 * paraphrases of the current batch and of up to ``back_depth - 1`` earlier
   ones, batch ``t-i`` weighted ``time_decay**i`` (memory backtracking),
 * ``loc_coef`` x KL(p_{W_{t-1}} || p_{W_{t-1}+dW_t}) on the same window's
-  unrelated prompts,
+  unrelated prompts (``loc_reference: initial``: KL(p_{W_0} || ...), the drift
+  since the trajectory began; the per-step KL's gradient is only as large as
+  ``dW_t`` itself),
 * ``reg_coef`` x ||dW_t||_F^2 (a real gradient in ``reg_mode: paper``; logged
   only, as in the reference code, in ``reg_mode: reference``),
 
@@ -110,11 +112,11 @@ class SequenceTrainer:
         return [(hp.time_decay ** i, self._tokenised(t - i, batches[t - i]))
                 for i in range(min(hp.back_depth, t + 1))]
 
-    def _reference_logprobs(self, window) -> List[Optional[List[torch.Tensor]]]:
-        """p_{W_{t-1}} on the window's locality prompts, before dW_t is applied."""
+    def _reference_logprobs(self, loss_batches) -> List[Optional[List[torch.Tensor]]]:
+        """Log-probabilities of the current model on each batch's locality prompts."""
         out, edited = [], list(self.editor.modules.values())
         with torch.no_grad(), eval_mode(self.model):
-            for _, lb in window:
+            for lb in loss_batches:
                 out.append(None if lb.loc is None else
                            [F.log_softmax(_answer_rows(self.model, mb, edited), dim=-1)
                             for mb in _chunks(lb.loc, self.hp.loss_minibatch)])
@@ -190,10 +192,16 @@ class SequenceTrainer:
         self.editor.restore(normaliser=False)           # W_0; the normaliser keeps its history
         seg = max(1, math.ceil(hp.traj_len / hp.steps_per_trajectory))
         totals = {"gen": 0.0, "loc": 0.0, "reg": 0.0, "edit_loss": 0.0, "grad_norm": 0.0, "steps": 0}
+        initial = None
+        if hp.loc_reference == "initial" and hp.loc_coef > 0:   # p_{W_0}, before any edit
+            initial = self._reference_logprobs([self._tokenised(t, b) for t, b in enumerate(batches)])
         bar = tqdm(range(hp.traj_len), desc="trajectory", disable=not self.progress, leave=False)
         for t in bar:
             window = self._window(t, batches)
-            ref = self._reference_logprobs(window)
+            if initial is None:           # p_{W_{t-1}}: before dW_t is applied
+                ref = self._reference_logprobs([lb for _, lb in window])
+            else:
+                ref = [initial[t - i] for i in range(len(window))]
             rounds = self.editor.edit_rounds(batches[t], update_norm=True)   # W_t = W_{t-1} + dW_t, kept (on-policy)
             stats = self._edited_loss_backward(window, ref)
             totals["reg"] += self._meta_backward(rounds, 1.0 / seg) * hp.reg_coef
