@@ -181,3 +181,70 @@ def test_replay_matches_the_full_forward_and_in_place_changes_switch_it_off(in_p
     assert model.mid.forward is wrapper               # an instance-level forward is put back
     if not in_place:
         assert prefix.skip == [model.embed, model.mid]
+
+
+def _spy_masks(monkeypatch):
+    """Dimensions of every ``attention_mask`` the capture hands the model, in call order."""
+    from rledit_plugin.core import capture as capture_module
+    seen, real = [], capture_module.answer_logits
+
+    def spy(model, input_ids, attention_mask, *args, **kwargs):
+        seen.append(attention_mask.dim())
+        return real(model, input_ids, attention_mask, *args, **kwargs)
+    monkeypatch.setattr(capture_module, "answer_logits", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch, modules", CASES)
+def test_later_rounds_pass_the_first_rounds_4d_attention_mask(arch, modules, world, _world_tokenizer,
+                                                             monkeypatch):
+    """Later rounds hand the model the 4-D mask it built in the first round (no rebuilding);
+    the weights stay bit-identical to editing without any reuse."""
+    model, tok = random_tiny_lm(arch=arch, tok=copy.deepcopy(_world_tokenizer),
+                                d_model=32, n_layer=2, n_head=2, d_ff=64)
+    seen = _spy_masks(monkeypatch)
+    reusing, plain, _ = _edit_both_ways(model, tok, world.eval_records[:4], low_rank_head=False,
+                                        inner_params=modules)
+    reusing_calls = seen[:len(seen) // 2]              # 3 rounds x 2 minibatches, then the plain run
+    assert reusing_calls[:2] == [2, 2] and 4 in reusing_calls[2:], reusing_calls
+    assert set(seen[len(seen) // 2:]) == {2}
+    for name in modules:
+        assert torch.equal(reusing.modules[name].weight, plain.modules[name].weight), name
+
+
+def test_a_model_that_rewrites_a_given_4d_mask_gets_the_2d_mask_again(world, _world_tokenizer):
+    """If the first live reader of the mask does not receive the recorded tensor, the forward
+    stops before any edited module ran and runs again with the 2-D mask, in every later round."""
+    model, tok = random_tiny_lm(arch="gpt2", tok=copy.deepcopy(_world_tokenizer),
+                                d_model=32, n_layer=2, n_head=2, d_ff=64)
+    records = world.eval_records[:4]
+    hp = dict(rank=8, n_blocks=1, init_lr=5e-2, max_length=48, edit_minibatch=2, edit_steps=3,
+              inner_params=["transformer.h.1.mlp.c_proj"])
+    rejected = []
+
+    class Recording(ForwardPrefix):            # bit for bit: without the low-rank head shortcut
+        def __init__(self, model, edited, **_):
+            super().__init__(model, edited, low_rank_head=False)
+
+        def drop_masks(self):
+            rejected.append(bool(self._masks))
+            super().drop_masks()
+    editors = []
+    for reuse in (True, False):
+        editor = RLEditor(copy.deepcopy(model), tok, RLEditHyperParams(reuse_prefix=reuse, **hp))
+        base = editor.model.transformer
+        forward = base.forward
+
+        def rewriting(*args, attention_mask=None, __forward=forward, **kwargs):
+            if attention_mask is not None and attention_mask.dim() == 4:   # attend to self only
+                attention_mask = attention_mask & torch.eye(attention_mask.shape[-1], dtype=torch.bool)
+            return __forward(*args, attention_mask=attention_mask, **kwargs)
+        base.forward = rewriting
+        with mock.patch("rledit_plugin.core.editor.ForwardPrefix", Recording):
+            editor.edit(records)
+        editors.append(editor)
+    reusing, plain = editors
+    name = hp["inner_params"][0]
+    assert rejected == [True]                     # once; later rounds pass the 2-D mask
+    assert not torch.equal(plain.modules[name].weight, get_module(model, name).weight)
+    assert torch.equal(reusing.modules[name].weight, plain.modules[name].weight)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.records import IGNORE_INDEX, answer_positions
 from ..models import answer_logits
-from .prefix import ForwardPrefix
+from .prefix import ForwardPrefix, MaskRejected
 
 
 @dataclass
@@ -75,6 +75,20 @@ def _split(batch: Mapping[str, torch.Tensor], size: int) -> List[Dict[str, torch
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
+def _forward(model, mb, rows, edited, prefix: Optional[ForwardPrefix], index: int) -> torch.Tensor:
+    """Answer-row logits of one minibatch, through ``prefix`` when given."""
+    if prefix is None:
+        return answer_logits(model, mb["input_ids"], mb["attention_mask"], rows, edited=edited)
+    try:
+        with prefix.around(index):
+            return answer_logits(model, mb["input_ids"], prefix.attention_mask(index, mb["attention_mask"]),
+                                 rows, edited=edited)
+    except MaskRejected:          # stopped before any edited module ran: again, with the 2-D mask
+        prefix.drop_masks()
+        with prefix.around(index):
+            return answer_logits(model, mb["input_ids"], mb["attention_mask"], rows, edited=edited)
+
+
 def capture(model: nn.Module, modules: Mapping[str, nn.Module],
             batch: Mapping[str, torch.Tensor], minibatch: int = 20,
             prefix: Optional[ForwardPrefix] = None) -> Capture:
@@ -104,9 +118,7 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
                     return out
                 handles.append(module.register_forward_hook(hook))
             try:
-                with prefix.around(index) if prefix is not None else contextlib.nullcontext():
-                    logits = answer_logits(model, mb["input_ids"], mb["attention_mask"], rows,
-                                           edited=list(modules.values()))
+                logits = _forward(model, mb, rows, list(modules.values()), prefix, index)
             finally:
                 for h in handles:
                     h.remove()

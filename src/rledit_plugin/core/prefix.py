@@ -20,6 +20,16 @@ runs, would defeat this; ``reuse_prefix: false`` turns it off.  Recorded tensors
 are checked with their version counters: if the model modifies one in place
 later in the forward, reuse is switched off for the rest of the batch and every
 round runs the whole model.
+
+Later rounds also reuse the attention mask: a Hugging Face model turns the 2-D padding
+mask into the 4-D mask its attention layers read (2.2 ms per forward for the embedded
+default's 20-row batch: most of a later round's capture there), and hands a 4-D mask it
+is given to those layers as it is.  When the first forward passed exactly one 4-D tensor
+as ``attention_mask`` to its modules, and the first module to receive it ran before any
+edited one, later rounds pass that tensor to the model instead of the 2-D mask.  The first
+receiver checks that it gets that very tensor; if not (a model that rewrites the mask it
+is given), :class:`MaskRejected` stops the forward before any edited module ran and the
+caller runs it again with the 2-D mask, which every later round then uses.
 """
 from __future__ import annotations
 
@@ -48,6 +58,15 @@ def _versions(obj: Any) -> List[int]:
     return [t._version for t in _tensors(obj)]
 
 
+class MaskRejected(RuntimeError):
+    """A later round's forward did not hand the recorded 4-D attention mask on unchanged."""
+
+
+def _mask_kwarg(kwargs: Mapping[str, Any]) -> Optional[torch.Tensor]:
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 4 else None
+
+
 class ForwardPrefix:
     """Outputs of the modules that run before the first edited module, per minibatch."""
 
@@ -62,6 +81,9 @@ class ForwardPrefix:
         self.head: Optional[nn.Module] = None
         self._low_rank_head = low_rank_head
         self._head_updates: List[Tuple[torch.Tensor, torch.Tensor]] = []   # (K, C) since recording
+        # the 4-D attention mask of each minibatch and the first module that receives it
+        self._masks: Dict[int, torch.Tensor] = {}
+        self._mask_reader: Optional[nn.Module] = None
 
     @contextlib.contextmanager
     def around(self, minibatch: int) -> Iterator[None]:
@@ -85,16 +107,20 @@ class ForwardPrefix:
         enter: Dict[nn.Module, List[int]] = {}
         leave: Dict[nn.Module, int] = {}
         outputs: Dict[nn.Module, Any] = {}
+        masks: List[Tuple[nn.Module, torch.Tensor]] = []     # (receiver, 4-D attention mask)
 
-        def pre(mod, args):
+        def pre(mod, args, kwargs):
             enter.setdefault(mod, []).append(next(counter))
+            mask = _mask_kwarg(kwargs)
+            if mask is not None:
+                masks.append((mod, mask))
 
         def post(mod, args, out):
             leave[mod] = next(counter)
             outputs[mod] = (out, _versions(out))
         modules = [m for m in self.model.modules() if m is not self.model]
         hooked = {m for m in modules if m._forward_hooks or m._forward_pre_hooks}   # not ours: kept running
-        handles = [h for m in modules for h in (m.register_forward_pre_hook(pre),
+        handles = [h for m in modules for h in (m.register_forward_pre_hook(pre, with_kwargs=True),
                                                 m.register_forward_hook(post, prepend=True))]
         try:
             yield
@@ -117,6 +143,15 @@ class ForwardPrefix:
         parents = {c: p for p in modules for c in p.children()}
         self.skip = sorted((m for m in qualifies if parents.get(m) not in qualifies),
                            key=lambda m: enter[m][0])
+        # One mask for the whole forward (not, e.g., a sliding-window one beside a full one),
+        # checked on its first receiver that later rounds still call (not inside a replayed
+        # module), which must run before the forward reaches an edited weight.
+        inside = {d for m in self.skip for d in m.modules() if d is not m}
+        readers = [mod for mod, _ in masks if mod not in inside]
+        if (len({id(mask) for _, mask in masks}) == 1 and readers
+                and enter[readers[0]][0] < first):
+            self._mask_reader = readers[0]
+            self._masks[minibatch] = masks[0][1]
         head = next(m for m in modules if m in enter and enter[m][0] == first)
         if (self._low_rank_head and head in self.edited and len(enter[head]) == 1
                 and (type(head) is nn.Linear or is_conv1d(head))):
@@ -145,7 +180,13 @@ class ForwardPrefix:
             self.head, self._head_updates = None, []
         # prepend: the head's own output, before any hook of somebody else's rewrites it
         # (a replayed forward returns it, and their hooks run on it again)
+        def grab_mask(mod, args, kwargs):
+            mask = _mask_kwarg(kwargs)
+            if mask is not None:
+                self._masks[minibatch] = mask
         handles = [m.register_forward_hook(post, prepend=True) for m in self._recorded()]
+        if self._mask_reader is not None:
+            handles.append(self._mask_reader.register_forward_pre_hook(grab_mask, with_kwargs=True))
         try:
             yield
         finally:
@@ -166,6 +207,18 @@ class ForwardPrefix:
         self.head, self._head_updates = None, []
         self._outputs.clear()
         self._versions.clear()
+        self.drop_masks()
+
+    def attention_mask(self, minibatch: int, mask: torch.Tensor) -> torch.Tensor:
+        """What a later round passes as ``attention_mask``: the recorded 4-D mask, or ``mask``."""
+        if self.enabled and minibatch in self._outputs and minibatch in self._masks:
+            return self._masks[minibatch]
+        return mask
+
+    def drop_masks(self) -> None:
+        """Pass the 2-D mask again from now on (after :class:`MaskRejected`)."""
+        self._masks.clear()
+        self._mask_reader = None
 
     @contextlib.contextmanager
     def _replay(self, minibatch: int) -> Iterator[None]:
@@ -177,9 +230,19 @@ class ForwardPrefix:
         if self.head is not None:
             self.head.forward = lambda *args, __out=outputs[-1], **kwargs: self._corrected(
                 __out, args[0] if args else next(iter(kwargs.values())))
+        handle = None
+        if minibatch in self._masks:
+            expected = self._masks[minibatch]
+
+            def check_mask(mod, args, kwargs):
+                if kwargs.get("attention_mask") is not expected:
+                    raise MaskRejected("the model did not pass the recorded 4-D attention mask on")
+            handle = self._mask_reader.register_forward_pre_hook(check_mask, with_kwargs=True)
         try:
             yield
         finally:
+            if handle is not None:
+                handle.remove()
             for module, forward in zip(replayed, saved):
                 if forward is None:
                     del module.forward        # back to the class's forward
