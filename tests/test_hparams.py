@@ -30,9 +30,7 @@ def test_quick_training_yaml_differs_from_the_default_only_where_it_means_to():
     default = RLEditTrainingHyperParams.from_hparams(os.path.join(path, "tiny.yaml")).to_dict()
     quick = RLEditTrainingHyperParams.from_hparams(os.path.join(path, "tiny-quick.yaml")).to_dict()
     changed = {k for k in default if default[k] != quick[k]}
-    # the quick demo keeps three edit rounds (docs/TUNING.md sections 8-9: measured on its own stream)
-    assert changed == {"model_name", "init_lr", "whitening_damping", "n_trajectories", "results_dir",
-                       "edit_steps"}
+    assert changed == {"model_name", "init_lr", "whitening_damping", "n_trajectories", "results_dir"}
     assert quick["model_name"] == default["model_name"] + "-quick"
 
 
