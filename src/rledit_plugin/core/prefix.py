@@ -102,7 +102,8 @@ class ForwardPrefix:
 
     @contextlib.contextmanager
     def _discover(self, minibatch: int) -> Iterator[None]:
-        """Watch one forward: call order, call counts and outputs of every module."""
+        """Watch one forward: call order, call counts and outputs of every module, and the
+        4-D attention masks modules receive."""
         counter = itertools.count()
         enter: Dict[nn.Module, List[int]] = {}
         leave: Dict[nn.Module, int] = {}
@@ -178,12 +179,12 @@ class ForwardPrefix:
             outputs[mod] = (out, _versions(out))
         if self._head_updates:      # minibatches recorded in a later round: no head shortcut
             self.head, self._head_updates = None, []
-        # prepend: the head's own output, before any hook of somebody else's rewrites it
-        # (a replayed forward returns it, and their hooks run on it again)
         def grab_mask(mod, args, kwargs):
             mask = _mask_kwarg(kwargs)
             if mask is not None:
                 self._masks[minibatch] = mask
+        # prepend: the head's own output, before any hook of somebody else's rewrites it
+        # (a replayed forward returns it, and their hooks run on it again)
         handles = [m.register_forward_hook(post, prepend=True) for m in self._recorded()]
         if self._mask_reader is not None:
             handles.append(self._mask_reader.register_forward_pre_hook(grab_mask, with_kwargs=True))
