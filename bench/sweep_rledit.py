@@ -19,7 +19,7 @@ import torch
 
 from rledit_plugin.core.editor import RLEditor
 from rledit_plugin.core.trainer import train_hypernetwork
-from rledit_plugin.core.whitening import record_texts
+from rledit_plugin.core.whitening import record_texts, statistics_texts
 from rledit_plugin.evaluation import run_stream
 from rledit_plugin.hparams import RLEditTrainingHyperParams
 from rledit_plugin.models import load_model_and_tokenizer
@@ -41,8 +41,11 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: str, model_name=None):
+def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: str, model_name=None,
+            stats: str = "corpus+records"):
     """Train once (unless n_trajectories=0), then one scored stream per entry of ``turns_list``."""
+    texts = (statistics_texts(world.train_records, world.corpus) if stats == "corpus+records"
+             else record_texts(world.train_records))
     hp = RLEditTrainingHyperParams.from_hparams(base)
     if model_name:
         hp.model_name = model_name
@@ -55,17 +58,17 @@ def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: st
     net, history = None, []
     if hp.n_trajectories > 0:
         net, history = train_hypernetwork(model, tok, hp, world.train_records, world.val_records,
-                                          progress=False, save=False)
+                                          progress=False, save=False, whitening_texts=texts)
     train_s = time.perf_counter() - start
     records = world.val_records if split == "val" else world.eval_records
     rows = []
     for turns in turns_list:
         editor = RLEditor(model, tok, hp.editing(), hypernet=copy.deepcopy(net) if net else None,
-                          keep_journal=False, whitening_texts=record_texts(world.train_records))
+                          keep_journal=False, whitening_texts=texts)
         result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
                             heldout_texts=world.heldout_corpus[:200], progress=False)
         editor.restore()
-        rows.append({"overrides": overrides, "turns": turns, "batch": batch,
+        rows.append({"overrides": overrides, "stats": stats, "turns": turns, "batch": batch,
                      "train_seconds": round(train_s, 1),
                      "seconds_per_edit": result["timing"]["seconds_per_edit"],
                      **{k: result["post"].get(k) for k in KEYS},
@@ -85,6 +88,10 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--model", help="model name/path overriding the YAML's model_name")
     ap.add_argument("--world", default="", help="WorldConfig overrides, e.g. n_eval_subjects=40")
+    ap.add_argument("--stats", choices=("corpus+records", "records"), default="corpus+records",
+                    help="key statistics' text: the world's corpus then the train split's prompts "
+                         "(what `rledit train` uses on the embedded model), or the prompts only "
+                         "(the default before docs/TUNING.md section 10)")
     ap.add_argument("--out", default="bench/results/sweep_rledit.json")
     args = ap.parse_args()
     if args.threads:
@@ -94,7 +101,7 @@ def main():
     rows = []
     for text in args.config:
         for row in run_one(args.base, parse_overrides(text), world, turns_list, args.batch, args.split,
-                           args.model):
+                           args.model, args.stats):
             rows.append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:

@@ -6,9 +6,10 @@ import torch
 
 from rledit_plugin.core.editor import RLEditor, norm_state
 from rledit_plugin.core.solve import ridge_dual
-from rledit_plugin.core.whitening import (key_second_moments, read_texts, record_texts,
-                                          whitening_matrix)
-from rledit_plugin.hparams import HParamsError, RLEditHyperParams
+from rledit_plugin.core.trainer import train_hypernetwork
+from rledit_plugin.core.whitening import (compute_whitening, key_second_moments, read_texts,
+                                          record_texts, statistics_texts, whitening_matrix)
+from rledit_plugin.hparams import HParamsError, RLEditHyperParams, RLEditTrainingHyperParams
 from rledit_plugin.models import get_module
 
 MODULES = ["transformer.h.1.mlp.c_proj"]
@@ -114,3 +115,28 @@ def test_later_rounds_reuse_the_whitened_keys_only_where_the_keys_are_unchanged(
         change = (plain.modules[name].weight - get_module(model, name).weight).abs().max()
         gap = (reusing.modules[name].weight - plain.modules[name].weight).abs().max()
         assert change > 1e-4 and gap < 1e-4 * change, (name, float(change), float(gap))
+
+
+def test_statistics_texts_and_the_trainer_measures_the_keys_on_the_texts_it_is_given(random_gpt2, world,
+                                                                                     tmp_path):
+    from rledit_plugin.cli import _statistics_texts
+    records, corpus = world.train_records[:6], world.corpus[:5]
+    texts = statistics_texts(records, corpus + corpus[:2])       # corpus first, duplicates once
+    assert texts == corpus + record_texts(records)
+    assert _statistics_texts("embedded-tiny-gpt2", records, world) == statistics_texts(records, world.corpus)
+    assert _statistics_texts("gpt2", records, world) is None     # no known pre-training text
+
+    model, tok = random_gpt2
+    hp = RLEditTrainingHyperParams(inner_params=MODULES, rank=8, n_blocks=1, init_lr=1e-2, max_length=48,
+                                   key_whitening=True, whitening_damping=0.05, edit_minibatch=3,
+                                   n_edits=3, traj_len=1, n_trajectories=1, loss_minibatch=4, n_val=0,
+                                   results_dir=str(tmp_path / "arch"))
+    modules = {MODULES[0]: get_module(model, MODULES[0])}
+    want = compute_whitening(model, tok, modules, texts, 0.05, 48)[MODULES[0]]
+    plain = compute_whitening(model, tok, modules, record_texts(records), 0.05, 48)[MODULES[0]]
+    assert (want - plain).abs().max() > 1e-3 * want.abs().max()   # the corpus changes S
+    net, _ = train_hypernetwork(copy.deepcopy(model), tok, hp, records, progress=False, save=False,
+                                whitening_texts=texts)
+    torch.testing.assert_close(net.whitening(MODULES[0]), want, rtol=0, atol=0)
+    net, _ = train_hypernetwork(copy.deepcopy(model), tok, hp, records, progress=False, save=False)
+    torch.testing.assert_close(net.whitening(MODULES[0]), plain, rtol=0, atol=0)

@@ -48,6 +48,16 @@ def _train_records(hp, world_records, path_attr: str):
     return load_records(path) if path else world_records
 
 
+def _statistics_texts(model_name: str, records, world=None) -> Optional[List[str]]:
+    """Key-statistics text for an embedded tiny LM: its pre-training sentences, then the
+    records' prompts (docs/TUNING.md section 10); None (the trainer's default) otherwise."""
+    from .core.whitening import statistics_texts
+    from .models import EMBEDDED_PREFIX, embedded_world
+    if not model_name.startswith(EMBEDDED_PREFIX) or not records:
+        return None
+    return statistics_texts(records, (world or embedded_world(model_name)).corpus)
+
+
 def cmd_train(args) -> int:
     from .core.trainer import train_hypernetwork
     from .hparams import RLEditTrainingHyperParams
@@ -61,7 +71,8 @@ def cmd_train(args) -> int:
     train = _train_records(hp, world.train_records if world else None, "train_data")
     val = _train_records(hp, world.val_records if world else None, "val_data")
     start = time.perf_counter()
-    _, history = train_hypernetwork(model, tok, hp, train, val)
+    _, history = train_hypernetwork(model, tok, hp, train, val,
+                                    whitening_texts=_statistics_texts(hp.model_name, train, world))
     print(json.dumps({"archive": hp.results_dir, "seconds": round(time.perf_counter() - start, 1),
                       "final": history[-1]}, indent=2))
     return 0
@@ -98,7 +109,11 @@ def cmd_edit(args) -> int:
     records = load_records(args.data, format=args.format) if args.data else world.eval_records
     heldout = world.heldout_corpus if world is not None else None
     # an untrained, whitened hypernetwork measures its key statistics on the world's train split
-    texts = record_texts(world.train_records) if world is not None else None
+    # (and, for the embedded tiny LM, its pre-training sentences)
+    texts = None
+    if world is not None:
+        texts = _statistics_texts(hp.model_name, world.train_records, world) or \
+            record_texts(world.train_records)
     result, paths = run_edit_stream(hp, records, args.turns, args.batch, args.out, args.curve_every,
                                     heldout=heldout, whitening_texts=texts)
     print(json.dumps({"post": result["post"], "files": paths}, indent=2, default=str))
@@ -133,7 +148,9 @@ def cmd_demo(args) -> int:
     _set_threads(hp.model_name)     # after the tiny LM's pre-training, which picks its own
     print(f"[demo] training the hypernetwork: {hp.n_trajectories} trajectories x {hp.traj_len} "
           f"batches x {hp.n_edits} edits ...", flush=True)
-    _, history = train_hypernetwork(model, tok, hp, world.train_records, world.val_records)
+    _, history = train_hypernetwork(model, tok, hp, world.train_records, world.val_records,
+                                    whitening_texts=_statistics_texts(hp.model_name,
+                                                                      world.train_records, world))
     edit_hp = hp.editing()
     edit_hp.archive = hp.results_dir
     print(f"[demo] lifelong stream: {turns} turns x {batch} held-out edits ...", flush=True)

@@ -145,6 +145,7 @@ class Comparison:
 
     def _setup_rledit(self, model, tok):
         from .core.editor import RLEditor
+        from .core.whitening import statistics_texts
         from .hparams import RLEditHyperParams
         path = self.hparams_path(RLEDIT)
         hp = RLEditHyperParams.from_hparams(path)
@@ -159,7 +160,9 @@ class Comparison:
             history = read_meta(hp.archive).get("history") or []
             info["archive_training_last"] = history[-1] if history else None
         # untrained with key whitening: its statistics come from the same text as MEMIT's
-        return RLEditor(model, tok, hp, keep_journal=False, whitening_texts=self.corpus), info
+        # an archive without key statistics measures them as `rledit train` would
+        texts = statistics_texts(self.train_records or (), self.corpus or ())
+        return RLEditor(model, tok, hp, keep_journal=False, whitening_texts=texts), info
 
     def _setup_mend(self, hp, model, tok) -> Dict[str, Any]:
         from .hosts.easyedit_mend import check_mend_architecture, train_mend

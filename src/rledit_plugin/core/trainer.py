@@ -239,16 +239,21 @@ class SequenceTrainer:
 def train_hypernetwork(model, tok, hparams: RLEditTrainingHyperParams,
                        train_records: Sequence[EditRecord],
                        val_records: Optional[Sequence[EditRecord]] = None,
-                       progress: bool = True, save: bool = True):
+                       progress: bool = True, save: bool = True,
+                       whitening_texts: Optional[Sequence[str]] = None):
     """Train a hypernetwork for ``model``; returns ``(hypernet, history)``.
 
     ``history`` is a list of per-trajectory dicts (train losses, validation
     scores, seconds).  With ``keep_best`` the best validated hypernetwork is
     returned; with ``save`` it is archived under ``hparams.results_dir``.
+    ``whitening_texts``: the key statistics' text (default: the training records'
+    prompts; a ``whitening_texts`` file in the hparams takes precedence over both).
     """
     if not train_records:
         raise ValueError("no training records")
-    texts = record_texts(train_records) if hparams.key_whitening else None
+    texts = None
+    if hparams.key_whitening:
+        texts = list(whitening_texts) if whitening_texts else record_texts(train_records)
     trainer = SequenceTrainer(model, tok, hparams, progress=progress, whitening_texts=texts)
     val = list(val_records or [])[: hparams.n_val]
     history: List[dict] = []

@@ -13,8 +13,9 @@ whitened keys ``K~ = K S`` it is the same dual solve on ``K~``:
 
 so the update stays rank <= N with right factor ``R = K S^2`` instead of ``K``,
 and the dual backward is unchanged (``dLoss/dC = R Gw``).  The statistics come from
-text the model reads (by default the training records); ``S`` is stored in the
-hypernetwork archive so training and editing use the same one.
+text the model reads (by default the training records' prompts, after the pre-training
+corpus when the caller knows it); ``S`` is stored in the hypernetwork archive so training
+and editing use the same one.
 """
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def record_texts(records: Iterable[EditRecord]) -> list:
         texts += [f"{p} {r.target_new}" for p in r.paraphrases]
         texts += [f"{p} {a}" for p, a in zip(r.locality_prompts, r.locality_answers)]
     return list(dict.fromkeys(texts))
+
+
+def statistics_texts(records: Iterable[EditRecord], corpus: Sequence[str] = ()) -> list:
+    """The key statistics' text: ``corpus`` (text the model was pre-trained on, when known:
+    MEMIT measures its second moment on such text too), then every prompt of ``records``.
+
+    The corpus adds the keys of facts that no training record asks about, which the ridge
+    then also protects (docs/TUNING.md section 10)."""
+    return list(dict.fromkeys([*corpus, *record_texts(records)]))
 
 
 @torch.no_grad()
