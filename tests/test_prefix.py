@@ -62,6 +62,9 @@ def test_the_low_rank_head_shortcut_matches_recomputing_the_head(arch, modules, 
     assert prefix.head is get_module(reusing.model, modules[0])      # the shortcut ran
     # one x K^T per distinct right factor: the memory's K P is shared by the 3 rounds
     assert len(prefix._head_updates) == (1 if memory else 3)
+    # and computed once per minibatch (5 records in minibatches of 2, 2, 1): with the memory
+    # rounds 2 and 3 share one product, without it round 3 reuses round 2's x K_1^T
+    assert len(prefix._head_products) == 3 * (1 if memory else 2)
     for name in modules:
         before = get_module(model, name).weight
         change = (plain.modules[name].weight - before).abs().max()

@@ -81,6 +81,8 @@ class ForwardPrefix:
         self.head: Optional[nn.Module] = None
         self._low_rank_head = low_rank_head
         self._head_updates: List[Tuple[torch.Tensor, torch.Tensor]] = []   # (K, C) since recording
+        # x K^T per (head input, K): the head's input precedes every edit, so it repeats each round
+        self._head_products: List[Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
         # the 4-D attention mask of each minibatch and the first module that receives it
         self._masks: Dict[int, torch.Tensor] = {}
         self._mask_reader: Optional[nn.Module] = None
@@ -178,7 +180,7 @@ class ForwardPrefix:
         def post(mod, args, out):
             outputs[mod] = (out, _versions(out))
         if self._head_updates:      # minibatches recorded in a later round: no head shortcut
-            self.head, self._head_updates = None, []
+            self._drop_head()
         def grab_mask(mod, args, kwargs):
             mask = _mask_kwarg(kwargs)
             if mask is not None:
@@ -205,7 +207,7 @@ class ForwardPrefix:
 
     def _disable(self) -> None:
         self.enabled = False
-        self.head, self._head_updates = None, []
+        self._drop_head()
         self._outputs.clear()
         self._versions.clear()
         self.drop_masks()
@@ -252,12 +254,28 @@ class ForwardPrefix:
         if [_versions(o) for o in outputs] != self._versions[minibatch]:
             self._disable()               # changed in place downstream: later rounds run it all
 
+    def _drop_head(self) -> None:
+        self.head, self._head_updates, self._head_products = None, [], []
+
     def _corrected(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The head's output on its current weight: recorded output + x dW for each update."""
         total = out
         for keys, coeffs in self._head_updates:
-            total = total + ((x.to(keys.dtype) @ keys.t()) @ coeffs).to(out.dtype)
+            total = total + (self._head_product(x, keys) @ coeffs).to(out.dtype)
         return total
+
+    def _head_product(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``x K^T``, once per head input and right factor: each round adds the corrections of
+        all earlier ones, and rounds sharing ``K`` (the memory's, fixed within a batch) merge
+        theirs.  The input is the same each round: the replayed tensor itself, or one
+        recomputed from replayed tensors (then compared by value)."""
+        for seen_x, version, seen_keys, product in self._head_products:
+            if seen_keys is keys and seen_x._version == version and seen_x.shape == x.shape and (
+                    seen_x is x or torch.equal(seen_x, x)):
+                return product
+        product = x.to(keys.dtype) @ keys.t()
+        self._head_products.append((x, x._version, keys, product))
+        return product
 
 
 def _detach(obj: Any) -> Any:
