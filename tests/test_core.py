@@ -44,6 +44,20 @@ def pair(request, random_gpt2, random_llama):
     return copy.deepcopy(model), tok, modules
 
 
+def test_capture_runs_in_eval_mode_and_gives_each_module_its_own_mode_back(random_gpt2, world):
+    model = copy.deepcopy(random_gpt2[0])
+    model.train()
+    model.transformer.h[0].eval()                   # a caller's mix of train and eval modules
+    before = {n: m.training for n, m in model.named_modules()}
+    seen = []
+    model.transformer.h[1].register_forward_pre_hook(
+        lambda *_: seen.append(any(m.training for m in model.modules())))
+    name = GPT2_MODULES[1]
+    capture(model, {name: get_module(model, name)}, edit_batch(random_gpt2[1], world.train_records[:3], 48))
+    assert seen and not any(seen)                   # no dropout while capturing
+    assert {n: m.training for n, m in model.named_modules()} == before
+
+
 def test_capture_rows_are_exactly_the_answer_positions(pair, world):
     model, tok, modules = pair
     records = world.train_records[:5]

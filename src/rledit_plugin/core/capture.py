@@ -48,13 +48,16 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Deterministic forward passes (no dropout) whatever mode the caller left."""
-    was_training = model.training
-    model.eval()
+    """Deterministic forward passes (no dropout) whatever mode the caller left; after, every
+    module is back in its own mode (a caller's mix of train and eval modules included)."""
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m in training:      # the flags only: model.train() would also flip eval children
+            m.training = True
 
 
 def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
