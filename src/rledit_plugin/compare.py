@@ -159,8 +159,8 @@ class Comparison:
             from .core.archive import read_meta
             history = read_meta(hp.archive).get("history") or []
             info["archive_training_last"] = history[-1] if history else None
-        # untrained with key whitening: its statistics come from the same text as MEMIT's
-        # an archive without key statistics measures them as `rledit train` would
+        # an archive without key statistics measures them as `rledit train` does: on the
+        # corpus MEMIT's statistics use, then the training prompts
         texts = statistics_texts(self.train_records or (), self.corpus or ())
         return RLEditor(model, tok, hp, keep_journal=False, whitening_texts=texts), info
 
