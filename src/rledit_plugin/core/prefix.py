@@ -81,8 +81,8 @@ class ForwardPrefix:
         self.head: Optional[nn.Module] = None
         self._low_rank_head = low_rank_head
         self._head_updates: List[Tuple[torch.Tensor, torch.Tensor]] = []   # (K, C) since recording
-        # x K^T per (head input, K): the head's input precedes every edit, so it repeats each round
-        self._head_products: List[Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        # x K^T per (minibatch, K): the head's input precedes every edit, so it repeats each round
+        self._head_products: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
         # the 4-D attention mask of each minibatch and the first module that receives it
         self._masks: Dict[int, torch.Tensor] = {}
         self._mask_reader: Optional[nn.Module] = None
@@ -232,7 +232,7 @@ class ForwardPrefix:
             module.forward = lambda *args, __out=out, **kwargs: __out
         if self.head is not None:
             self.head.forward = lambda *args, __out=outputs[-1], **kwargs: self._corrected(
-                __out, args[0] if args else next(iter(kwargs.values())))
+                __out, args[0] if args else next(iter(kwargs.values())), minibatch)
         handle = None
         if minibatch in self._masks:
             expected = self._masks[minibatch]
@@ -255,27 +255,22 @@ class ForwardPrefix:
             self._disable()               # changed in place downstream: later rounds run it all
 
     def _drop_head(self) -> None:
-        self.head, self._head_updates, self._head_products = None, [], []
+        self.head, self._head_updates, self._head_products = None, [], {}
 
-    def _corrected(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The head's output on its current weight: recorded output + x dW for each update."""
+    def _corrected(self, out: torch.Tensor, x: torch.Tensor, minibatch: int) -> torch.Tensor:
+        """The head's output on its current weight: recorded output + x dW for each update.
+
+        ``x K^T`` is computed once per minibatch and right factor: the head's input comes from
+        the replayed prefix, the same every round, and each round adds the corrections of all
+        earlier ones (rounds sharing ``K``, the memory's, already merged theirs)."""
         total = out
         for keys, coeffs in self._head_updates:
-            total = total + (self._head_product(x, keys) @ coeffs).to(out.dtype)
+            seen = self._head_products.get((minibatch, id(keys)))
+            if seen is None or seen[0] is not keys:
+                seen = (keys, x.to(keys.dtype) @ keys.t())
+                self._head_products[(minibatch, id(keys))] = seen
+            total = total + (seen[1] @ coeffs).to(out.dtype)
         return total
-
-    def _head_product(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``x K^T``, once per head input and right factor: each round adds the corrections of
-        all earlier ones, and rounds sharing ``K`` (the memory's, fixed within a batch) merge
-        theirs.  The input is the same each round: the replayed tensor itself, or one
-        recomputed from replayed tensors (then compared by value)."""
-        for seen_x, version, seen_keys, product in self._head_products:
-            if seen_keys is keys and seen_x._version == version and seen_x.shape == x.shape and (
-                    seen_x is x or torch.equal(seen_x, x)):
-                return product
-        product = x.to(keys.dtype) @ keys.t()
-        self._head_products.append((x, x._version, keys, product))
-        return product
 
 
 def _detach(obj: Any) -> Any:
