@@ -87,6 +87,9 @@ def test_capture_rows_are_exactly_the_answer_positions(pair, world):
     for n in modules:
         torch.testing.assert_close(cap.keys[n], inputs[n][mask].float())
         torch.testing.assert_close(cap.grads[n], outputs[n].grad[mask].float(), rtol=1e-4, atol=1e-7)
+    targets = batch["labels"][:, 1:][mask[:, :-1]]
+    p_target = logits.detach()[mask].double().softmax(-1).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(cap.target_prob.double(), p_target, rtol=1e-5, atol=1e-7)
     # capture itself leaves no parameter gradient behind
     model.zero_grad(set_to_none=True)
     capture(model, mods, batch)
@@ -115,6 +118,39 @@ def test_edit_lowers_edit_loss_and_touches_only_edited_modules(pair, world):
         torch.testing.assert_close(now - was, dw.t(), rtol=1e-4, atol=1e-6)
 
 
+def test_settled_rows_get_no_value_change_and_the_rest_are_untouched(pair, world):
+    model, tok, modules = pair
+    records = world.train_records[:5]
+    batch = edit_batch(tok, records, 48)
+    mods = {n: get_module(model, n) for n in modules}
+    probs = capture(model, mods, batch).target_prob
+    tau = float(probs.median())                      # about half the rows settle
+    free = RLEditor(model, tok, _hp(modules)).compute_update(records, update_norm=False, batch=batch)
+    settled = RLEditor(model, tok, _hp(modules, settled_prob=tau)).compute_update(
+        records, update_norm=False, batch=batch)
+    done = probs >= tau
+    assert 0 < int(done.sum()) < len(done)
+    for n in modules:
+        assert torch.all(settled.values[n][done] == 0)
+        torch.testing.assert_close(settled.values[n][~done], free.values[n][~done], rtol=0, atol=0)
+        assert free.values[n][done].abs().sum() > 0      # the hypernetwork alone would move them
+
+
+def test_edit_rounds_stop_once_every_row_is_settled(pair, world):
+    model, tok, modules = pair
+    records = world.train_records[:4]
+    before = {n: get_module(model, n).weight.detach().clone() for n in modules}
+    # every answer token of a random model has probability >= 1e-9: nothing to push
+    editor = RLEditor(model, tok, _hp(modules, edit_steps=3, settled_prob=1e-9))
+    assert len(editor.edit_rounds(records)) == 1      # rounds 2 and 3 were skipped
+    for n in modules:
+        assert torch.equal(get_module(model, n).weight, before[n])
+    editor.settled = lambda cap: False                # all three rounds: the same weights
+    assert len(editor.edit_rounds(records)) == 3
+    for n in modules:
+        assert torch.equal(get_module(model, n).weight, before[n])
+
+
 @pytest.mark.parametrize("edit_steps", [1, 2])
 def test_rollback_and_restore_are_exact(pair, world, edit_steps):
     model, tok, modules = pair
@@ -136,18 +172,20 @@ def test_rollback_and_restore_are_exact(pair, world, edit_steps):
         editor.rollback(1)
 
 
-@pytest.mark.parametrize("whitening, edit_steps, memory",
-                         [(False, 1, False), (True, 1, False), (False, 2, False), (True, 2, False),
-                          (True, 2, True), (False, 1, True)])
+@pytest.mark.parametrize("whitening, edit_steps, memory, settled",
+                         [(False, 1, False, False), (True, 1, False, False), (False, 2, False, False),
+                          (True, 2, False, False), (True, 2, True, False), (False, 1, True, False),
+                          (True, 2, True, True)])
 def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world, tmp_path, whitening,
-                                                             edit_steps, memory):
+                                                             edit_steps, memory, settled):
     """One training step: the trainer's hypernetwork gradient equals end-to-end autograd (float64).
 
     With key whitening the reference is the generalised-Tikhonov primal solve
     (K^T K + e^lam S^-2)^-1 K^T D, so the whitened dual form is checked too.  With
     ``edit_steps`` 2 the batch is edited in two rounds, the second captured (as a constant)
     on the weights the first changed; the losses and the L2 term see their sum.  With the
-    edit memory holding earlier keys K_0 the Tikhonov matrix is A_0 + c K_0^T K_0."""
+    edit memory holding earlier keys K_0 the Tikhonov matrix is A_0 + c K_0^T K_0.  With
+    ``settled`` the rows whose answer token is already likely enough get D = 0."""
     model, tok = random_gpt2
     model = copy.deepcopy(model).double()
     hp = _train_hp(GPT2_MODULES, tmp_path, traj_len=1, n_trajectories=1, max_grad_norm=1e12,
@@ -177,6 +215,11 @@ def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world,
         trainer.editor.memory.reset = lambda: None
     pristine = {n: get_module(model, n).weight.detach().clone() for n in GPT2_MODULES}
     batch_records = trainer._trajectory(world.train_records)[0]
+    tau = None
+    if settled:                          # about half the first round's rows settle
+        mods = {n: get_module(model, n) for n in GPT2_MODULES}
+        tau = float(capture(model, mods, edit_batch(tok, batch_records, hp.max_length)).target_prob.median())
+        trainer.editor.hparams.settled_prob = tau
     trainer.rng.seed(hp.seed)            # replay the same sampling inside run_trajectory
     trainer.run_trajectory(world.train_records)
 
@@ -196,6 +239,8 @@ def test_meta_gradient_matches_autograd_through_primal_solve(random_gpt2, world,
         cap = capture(model, mods, eb, minibatch=hp.edit_minibatch)
         for n in GPT2_MODULES:
             d = net.values(n, cap.keys[n].double(), cap.grads[n].double())
+            if tau is not None:
+                d = d * (cap.target_prob < tau).double()[:, None]
             k = cap.keys[n].double()
             if whitening or memory:
                 s_mat = net.whitening(n) if whitening else None

@@ -126,6 +126,9 @@ class RLEditHyperParams(_YamlParams):
     # key weighted by this much (relative to one token of the key statistics with whitening,
     # to the identity without); core/memory.py
     edit_memory: float = 0.0
+    # an answer token whose probability is already >= this gets no value change (D row 0):
+    # the update keeps that row's output as it is; None = every row is pushed (the paper)
+    settled_prob: Optional[float] = None
 
     def validate(self, source: str = "<hparams>") -> None:
         if self.alg_name.lower() != "rledit":
@@ -146,6 +149,8 @@ class RLEditHyperParams(_YamlParams):
             raise HParamsError(f"{source}: key 'whitening_damping' must be > 0")
         if float(self.edit_memory) < 0:
             raise HParamsError(f"{source}: key 'edit_memory' must be >= 0 (0 = off)")
+        if self.settled_prob is not None and not 0.0 < float(self.settled_prob) <= 1.0:
+            raise HParamsError(f"{source}: key 'settled_prob' must be in (0, 1] or null")
 
 
 @dataclass

@@ -31,6 +31,7 @@ class Capture:
     grads: Dict[str, torch.Tensor]   # name -> (N, d_out)
     loss: float                      # mean answer-token cross-entropy before the edit
     n_rows: int
+    target_prob: Optional[torch.Tensor] = None   # (N,) probability of each row's answer token
 
 
 @contextlib.contextmanager
@@ -105,6 +106,7 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
         raise ValueError("edit batch has no answer tokens")
     keys = {name: [] for name in modules}
     grads = {name: [] for name in modules}
+    probs = []
     total_loss = 0.0
     with eval_mode(model), frozen_parameters(model), torch.enable_grad():
         for index, mb in enumerate(_split(batch, minibatch)):
@@ -126,7 +128,10 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
                 for h in handles:
                     h.remove()
             targets = mb["labels"][rows[0], rows[1] + 1]    # = answer_targets(labels), same order
-            loss = F.cross_entropy(at_least_fp32(logits), targets, reduction="sum") / n_answer
+            logits = at_least_fp32(logits)
+            loss = F.cross_entropy(logits, targets, reduction="sum") / n_answer
+            with torch.no_grad():
+                probs.append(logits.softmax(-1).gather(1, targets[:, None])[:, 0])
             names = list(outputs)
             out_grads = torch.autograd.grad(loss, [outputs[n] for n in names])
             for name, g in zip(names, out_grads):
@@ -137,4 +142,4 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
     n_rows = {t.shape[0] for t in list(cat_keys.values()) + list(cat_grads.values())}
     if len(n_rows) != 1:  # the reference's K/G row mismatch: never let it through
         raise RuntimeError(f"captured key/gradient rows disagree: {sorted(n_rows)}")
-    return Capture(cat_keys, cat_grads, float(total_loss), n_rows.pop())
+    return Capture(cat_keys, cat_grads, float(total_loss), n_rows.pop(), torch.cat(probs))

@@ -138,6 +138,20 @@ class RLEditor:
     def edited_param_names(self) -> List[str]:
         return [f"{n}.weight" for n in self.modules]
 
+    def values(self, name: str, cap: Capture) -> torch.Tensor:
+        """The hypernetwork's value changes ``D`` for one module's captured rows; rows whose
+        answer token is already settled (``settled_prob``) get none."""
+        d = self.hypernet.values(name, cap.keys[name], cap.grads[name])
+        tau = self.hparams.settled_prob
+        if tau is not None:
+            d = d * (cap.target_prob < tau).to(d.dtype)[:, None]
+        return d
+
+    def settled(self, cap: Capture) -> bool:
+        """Whether every answer token of ``cap`` is settled (``settled_prob``)."""
+        tau = self.hparams.settled_prob
+        return tau is not None and bool((cap.target_prob >= tau).all())
+
     def compute_update(self, records: Sequence[EditRecord], update_norm: Optional[bool] = None,
                        batch: Optional[Dict[str, torch.Tensor]] = None,
                        previous: Optional[Update] = None,
@@ -164,7 +178,7 @@ class RLEditor:
                 k, g = cap.keys[name], cap.grads[name]
                 if update_norm:
                     self.hypernet.update_norm(name, k, g)
-                d = self.hypernet.values(name, k, g).to(k.dtype)   # an fp64 model: fp64 solve
+                d = self.values(name, cap).to(k.dtype)   # an fp64 model: fp64 solve
                 values[name] = d
                 same_keys = previous is not None and torch.equal(previous.capture.keys[name], k)
                 if self.memory is not None:      # P changes between batches, not between rounds
@@ -215,6 +229,8 @@ class RLEditor:
             update = self.compute_update(records, update_norm=update_norm if step == 0 else False,
                                          batch=batch, previous=rounds[-1] if rounds else None,
                                          prefix=prefix)
+            if rounds and self.settled(update.capture):
+                break     # every D row is 0: this round and all after it would change nothing
             self.apply(update)
             if prefix is not None:
                 for name, module in self.modules.items():

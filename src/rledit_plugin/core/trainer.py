@@ -173,7 +173,7 @@ class SequenceTrainer:
                 if hp.reg_mode == "paper":
                     kg = kg + reg_part
                 d_coeff, d_lam = ridge_dual_backward(k, c, kg, lam.detach(), update.factors.get(name))
-                values = self.net.values(name, update.capture.keys[name], update.capture.grads[name])  # with graph
+                values = self.editor.values(name, update.capture)  # with graph
                 surrogate = surrogate + (d_coeff * values).sum() + (d_lam * lam).sum()
             (surrogate * scale).backward()
             module.weight.grad = None
