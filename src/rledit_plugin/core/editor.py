@@ -7,7 +7,8 @@ its dual form ``C = (K K^T + e^lam I)^-1 D`` and adds ``dW = K^T C`` to each
 edited weight as an in-place rank-``N`` update.  With ``edit_steps > 1`` this
 round repeats on the updated weights: edits that already took give small
 gradients and get little more, the others get another push (the normaliser
-sees each batch once).  Edits are never reverted
+sees each batch once); with ``settled_prob`` answer tokens that already took are held
+where they are.  Edits are never reverted
 unless asked: :meth:`rollback` and :meth:`restore` use the pristine copy of the
 edited modules (the rest of the model never changes) and the exact journal of
 applied factors.  With ``edit_memory`` the ridge also protects the keys of every batch
