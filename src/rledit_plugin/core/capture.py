@@ -128,10 +128,9 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module],
                 for h in handles:
                     h.remove()
             targets = mb["labels"][rows[0], rows[1] + 1]    # = answer_targets(labels), same order
-            logits = at_least_fp32(logits)
-            loss = F.cross_entropy(logits, targets, reduction="sum") / n_answer
-            with torch.no_grad():
-                probs.append(logits.softmax(-1).gather(1, targets[:, None])[:, 0])
+            row_loss = F.cross_entropy(at_least_fp32(logits), targets, reduction="none")
+            loss = row_loss.sum() / n_answer
+            probs.append(torch.exp(-row_loss.detach()))   # p(answer token) = exp(-cross-entropy)
             names = list(outputs)
             out_grads = torch.autograd.grad(loss, [outputs[n] for n in names])
             for name, g in zip(names, out_grads):
