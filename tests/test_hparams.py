@@ -15,14 +15,24 @@ def test_shipped_editing_yamls_load(path):
     assert hp.alg_name == "RLEdit" and hp.edit_steps >= 1 and isinstance(hp.init_lr, float)
 
 
-def test_shipped_training_yaml_loads_and_its_editing_part_matches_the_editing_yaml():
-    train = RLEditTrainingHyperParams.from_hparams(os.path.join(REPO, "hparams", "TRAINING", "RLEdit", "tiny.yaml"))
-    edit = RLEditHyperParams.from_hparams(os.path.join(REPO, "hparams", "RLEdit", "tiny.yaml"))
+TRAINING_MODELS = ("tiny", "gpt2-xl", "llama3-8b", "mistral-7b")
+
+
+@pytest.mark.parametrize("model", TRAINING_MODELS)
+def test_shipped_training_yaml_loads_and_its_editing_part_matches_the_editing_yaml(model):
+    train = RLEditTrainingHyperParams.from_hparams(os.path.join(REPO, "hparams", "TRAINING", "RLEdit", f"{model}.yaml"))
+    edit = RLEditHyperParams.from_hparams(os.path.join(REPO, "hparams", "RLEdit", f"{model}.yaml"))
     # the archive path differs (training writes it, editing reads it); the rest must agree,
-    # or the demo's hypernetwork would be trained for another editor than the one that uses it
+    # or the hypernetwork would be trained for another editor than the one that uses it
     mine, theirs = train.editing().to_dict(), edit.to_dict()
     mine.pop("archive"), theirs.pop("archive")
     assert mine == theirs
+    assert train.archive is None and train.results_dir
+
+
+def test_every_editing_yaml_has_a_training_yaml():
+    editing = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(REPO, "hparams", "RLEdit", "*.yaml"))}
+    assert editing == set(TRAINING_MODELS)
 
 
 def test_quick_training_yaml_differs_from_the_default_only_where_it_means_to():
