@@ -110,9 +110,32 @@ def test_truncation_keeps_the_whole_answer(name):
     if name == "llama":  # the prompt is cut from the left but keeps its BOS
         assert ids[0] == tok.bos_token_id
     assert tok.decode(ids[:start], skip_special_tokens=True).strip().endswith("Freedonia is")
-    # An answer longer than the limit keeps its first max_length - 1 tokens.
-    tiny = tokenize_teacher_forced(tok, ["Who"], ["Michael Jackson sang thriller"], max_length=3)
-    assert tiny["input_ids"].shape[1] == 3 and (tiny["labels"][0] != IGNORE_INDEX).sum() == 2
+    # An answer that does not fit next to one prompt token (and the BOS) is refused, never cut.
+    need = len(split_prompt_answer(tok, "Who", "Michael Jackson sang thriller")[1]) + 1 + (name == "llama")
+    with pytest.raises(RecordError, match=f"record 1, field 'answer'.*max_length >= {need}, got {need - 1}"):
+        tokenize_teacher_forced(tok, ["Who wrote Hamlet?", "Who"], ["Lyon", "Michael Jackson sang thriller"],
+                                max_length=need - 1)
+    fits = tokenize_teacher_forced(tok, ["Who wrote Hamlet?"], ["Michael Jackson sang thriller"],
+                                   max_length=need)
+    ids = fits["input_ids"][0].tolist()
+    assert len(ids) == need and (fits["labels"][0] != IGNORE_INDEX).sum() == need - 1 - (name == "llama")
+    if name == "llama":
+        assert ids[0] == tok.bos_token_id
+
+
+def test_a_tokenizer_that_appends_eos_keeps_it_out_of_the_edit_text():
+    """Llama tokenizers with add_eos_token append EOS to every text: it must not end up between
+    the prompt and its answer (nor after the answer as an answer token)."""
+    plain, tok = llama_style(), llama_style()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
+    assert tok("The capital of")["input_ids"][-1] == eos
+    prompts, answers = zip(*PAIRS)
+    ours = tokenize_teacher_forced(tok, prompts, answers, max_length=64)
+    reference = tokenize_teacher_forced(plain, prompts, answers, max_length=64)
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert eos not in ours["input_ids"][ours["attention_mask"].bool()].tolist()
 
 
 def test_split_falls_back_when_a_merge_crosses_the_boundary():
@@ -167,6 +190,22 @@ def test_record_batches():
     assert paraphrase_batch(tok, recs)["input_ids"].shape[0] == 2
     assert locality_batch(tok, recs)["input_ids"].shape[0] == 1
     assert paraphrase_batch(tok, recs[1:]) is None and locality_batch(tok, recs[1:]) is None
+
+
+def test_record_batches_name_the_record_its_uid_and_the_field():
+    tok = TOKENIZERS["gpt2"]
+    long_answer = "Michael Jackson sang thriller in Berlin " * 3
+    recs = [EditRecord("Who wrote Hamlet?", "Marlowe", paraphrases=["Hamlet's author?"], uid="a"),
+            EditRecord("The capital of Freedonia is", "Lyon", paraphrases=["Freedonia's capital:"] * 2,
+                       locality_prompts=["Who sang thriller?"], locality_answers=[long_answer], uid="b"),
+            EditRecord("Alice Zorn was born in", long_answer, uid="c")]
+    with pytest.raises(RecordError, match=r"^record 2, field 'target_new': .*\(uid c\)$"):
+        edit_batch(tok, recs, max_length=12)
+    with pytest.raises(RecordError, match=r"^record 1, field 'locality_answers': .*\(uid b\)$"):
+        locality_batch(tok, recs, max_length=12)
+    assert paraphrase_batch(tok, recs, max_length=12)["input_ids"].shape[0] == 3
+    with pytest.raises(RecordError, match=r"^record 0, field 'paraphrases': .*empty"):
+        paraphrase_batch(tok, [EditRecord("p", "t", paraphrases=[" "])])
 
 
 def test_mismatched_lengths_and_empty_answers_raise():

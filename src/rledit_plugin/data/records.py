@@ -99,6 +99,17 @@ def batch_ids(tok, texts: List[str]) -> List[List[int]]:
     return [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
 
 
+def appended_special_ids(tok) -> List[int]:
+    """The ids the tokenizer appends after a text's own (``add_eos_token``-style EOS), if any."""
+    probe = "The capital of"
+    plain = tok(probe, add_special_tokens=False)["input_ids"]
+    full = tok(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[start + len(plain):])
+    return []
+
+
 def split_prompt_answers(tok, prompts: Sequence[str],
                          answers: Sequence[str]) -> List[Tuple[List[int], List[int]]]:
     """(prompt ids with special tokens, answer ids) for each text ``prompt + " " + answer``.
@@ -109,14 +120,19 @@ def split_prompt_answers(tok, prompts: Sequence[str],
     tokenizers such as Llama's turn the leading space into an extra lone "▁" token.)
     Only when a merge crosses the prompt/answer boundary is the answer tokenised
     separately, which keeps the label boundary exact.  Prompts and full texts are
-    tokenised in two batched calls.
+    tokenised in two batched calls.  Tokens a tokenizer appends to every text (an EOS)
+    are dropped: they would otherwise stand between the prompt and its answer.
     """
     prompts = [p.rstrip() for p in prompts]
     answers = [a.strip() for a in answers]
     if not prompts:
         return []
-    p_ids = batch_ids(tok, prompts)
-    full_ids = batch_ids(tok, [p + " " + a for p, a in zip(prompts, answers)])
+    tail = appended_special_ids(tok)
+
+    def drop_tail(ids):
+        return ids[:len(ids) - len(tail)] if tail and ids[len(ids) - len(tail):] == tail else ids
+    p_ids = [drop_tail(ids) for ids in batch_ids(tok, prompts)]
+    full_ids = [drop_tail(ids) for ids in batch_ids(tok, [p + " " + a for p, a in zip(prompts, answers)])]
     out = []
     for p, full, answer in zip(p_ids, full_ids, answers):
         if len(full) > len(p) and full[:len(p)] == p:
@@ -138,8 +154,10 @@ def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
     Prompt and answer ids come from :func:`split_prompt_answer`, so the label
     boundary is exact whatever the tokenizer merges.  Right padding; when a
     sequence is longer than ``max_length`` the prompt is cut from the left
-    (keeping a leading BOS) so the answer is never lost.  ``labels`` are
-    aligned with ``input_ids`` (Hugging Face convention: the model shifts them).
+    (keeping a leading BOS and at least one prompt token).  An answer that does not
+    fit next to that is a :class:`RecordError` naming the pair's index: cutting the
+    answer would write or score only part of it.  ``labels`` are aligned with
+    ``input_ids`` (Hugging Face convention: the model shifts them).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -148,18 +166,24 @@ def tokenize_teacher_forced(tok, prompts: Sequence[str], answers: Sequence[str],
         raise ValueError("tokenizer has neither a pad nor an eos token")
     rows, labels = [], []
     bos = getattr(tok, "bos_token_id", None)
-    for prompt, answer in zip(prompts, answers):
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
         if not answer.strip():
-            raise ValueError(f"answer {answer!r} is empty or whitespace (prompt {prompt!r})")
-    for (prompt, answer), (p, a) in zip(zip(prompts, answers), split_prompt_answers(tok, prompts, answers)):
+            raise RecordError(f"answer {answer!r} is empty or whitespace (prompt {prompt!r})",
+                              index=i, field="answer")
+        if not prompt.strip():
+            raise RecordError(f"prompt {prompt!r} is empty or whitespace (answer {answer!r})",
+                              index=i, field="prompt")
+    pairs = split_prompt_answers(tok, prompts, answers)
+    for i, ((prompt, answer), (p, a)) in enumerate(zip(zip(prompts, answers), pairs)):
         if not a:
-            raise ValueError(f"answer {answer!r} tokenises to nothing")
-        a = a[:max_length - 1]
+            raise RecordError(f"answer {answer!r} tokenises to nothing", index=i, field="answer")
+        head = p[:1] if bos is not None and p and p[0] == bos and len(p) > 1 else []
+        if len(head) + 1 + len(a) > max_length:
+            raise RecordError(f"answer {answer!r} is {len(a)} tokens: with the prompt's last token"
+                              f"{' and its BOS' if head else ''} it needs max_length >= "
+                              f"{len(head) + 1 + len(a)}, got {max_length}", index=i, field="answer")
         room = max_length - len(a)
-        if len(p) > room:
-            # Cut the prompt from the left, but keep a leading BOS: models trained
-            # with one (Llama) behave badly without it.
-            head = p[:1] if bos is not None and p[0] == bos and room > 1 else []
+        if len(p) > room:     # cut the prompt from the left; a model trained with BOS needs it
             p = head + p[len(p) - (room - len(head)):]
         rows.append(p + a)
         labels.append([IGNORE_INDEX] * len(p) + a)
@@ -199,25 +223,41 @@ def answer_targets(labels: torch.Tensor) -> torch.Tensor:
     return shifted[shifted != IGNORE_INDEX]
 
 
+def _record_batch(tok, records: Sequence[EditRecord], field: str, max_length: int, device):
+    """Teacher-forced batch of one (prompt, answer) field pair of ``records``; an error names
+    the record (its index in ``records`` and its uid) and the field."""
+    prompt_field, answer_field = {"target_new": ("prompt", "target_new"),
+                                  "paraphrases": ("paraphrases", "target_new"),
+                                  "locality_prompts": ("locality_prompts", "locality_answers")}[field]
+    prompts, answers, owners = [], [], []
+    for i, r in enumerate(records):
+        ps = getattr(r, prompt_field)
+        ps = [ps] if isinstance(ps, str) else list(ps)
+        ans = getattr(r, answer_field)
+        prompts += ps
+        answers += [ans] * len(ps) if isinstance(ans, str) else list(ans)
+        owners += [i] * len(ps)
+    if not prompts:
+        return None
+    try:
+        return tokenize_teacher_forced(tok, prompts, answers, max_length, device)
+    except RecordError as e:
+        r = records[owners[e.index]]
+        uid = f" (uid {r.uid})" if r.uid is not None else ""
+        which = {"prompt": prompt_field, "answer": answer_field}[e.field]
+        raise RecordError(e.message + uid, index=owners[e.index], field=which) from None
+
+
 def edit_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
     """Teacher-forced batch of the edit prompts with their new targets."""
-    return tokenize_teacher_forced(tok, [r.prompt for r in records],
-                                   [r.target_new for r in records], max_length, device)
+    return _record_batch(tok, records, "target_new", max_length, device)
 
 
 def paraphrase_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
     """Every paraphrase of every record, answered with the new target (None if there are none)."""
-    prompts = [p for r in records for p in r.paraphrases]
-    answers = [r.target_new for r in records for _ in r.paraphrases]
-    if not prompts:
-        return None
-    return tokenize_teacher_forced(tok, prompts, answers, max_length, device)
+    return _record_batch(tok, records, "paraphrases", max_length, device)
 
 
 def locality_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
     """Every locality prompt with its gold answer (None if there are none)."""
-    prompts = [p for r in records for p in r.locality_prompts]
-    answers = [a for r in records for a in r.locality_answers]
-    if not prompts:
-        return None
-    return tokenize_teacher_forced(tok, prompts, answers, max_length, device)
+    return _record_batch(tok, records, "locality_prompts", max_length, device)
