@@ -133,15 +133,29 @@ def test_small_lambda_interpolates_on_full_row_rank():
     torch.testing.assert_close(K.T @ C, torch.linalg.pinv(K) @ D, rtol=1e-6, atol=1e-8)
 
 
-def test_cholesky_failure_falls_back_to_lu():
+def test_cholesky_failure_falls_back_to_the_pseudo_inverse():
     K = torch.ones(3, 4, dtype=F64)  # rank 1; lam = -inf removes the ridge entirely
     singular = gram_factor(K, float("-inf"))
-    assert singular.cholesky is None
+    assert singular.cholesky is None and singular.pinv is not None
     # a factor without Cholesky still solves a well-posed system exactly
     K, D, Gw = _problem(5, 8, 2, seed=7)
     good = gram_factor(K, 0.0)
-    lu_only = GramFactor(matrix=good.matrix, cholesky=None)
-    torch.testing.assert_close(lu_only.solve(D), good.solve(D), rtol=1e-10, atol=1e-12)
+    fallback = GramFactor(matrix=good.matrix, cholesky=None, pinv=torch.linalg.pinv(good.matrix, hermitian=True))
+    torch.testing.assert_close(fallback.solve(D), good.solve(D), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_repeated_keys_with_a_vanishing_ridge_give_the_minimum_norm_update(dtype):
+    """The same record twice in one batch: K K^T + e^lam I is singular to working precision
+    once e^lam is tiny (an LU solve raised here). The update is still the minimum-norm
+    interpolation, computed independently in float64 from K's pseudo-inverse."""
+    K, D, _ = _problem(4, 10, 3, seed=9)
+    K, D = torch.cat([K, K[:2]]), torch.cat([D, D[:2]])     # rows 4, 5 repeat rows 0, 1
+    C, factor = ridge_dual(K.to(dtype), D.to(dtype), -60.0, return_factor=True)
+    assert factor.cholesky is None and torch.isfinite(C).all()
+    reference = torch.linalg.pinv(K) @ D
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close((K.to(dtype).T @ C).double(), reference, **tol)
 
 
 def test_float32_matches_float64_and_autograd_through_dual():

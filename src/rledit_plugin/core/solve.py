@@ -46,18 +46,21 @@ def _check_rows(K: Tensor, other: Tensor, what: str) -> None:
 class GramFactor:
     """M = K K^T + e^lam I, factorised once, reused by the backward solve.
 
-    `cholesky` is the lower-triangular L with M = L L^T, or None when the
-    factorisation failed numerically (then `solve` falls back to an LU solve of M).
+    `cholesky` is the lower-triangular L with M = L L^T. When that factorisation fails
+    numerically (e^lam far below the round-off of a rank-deficient K K^T, e.g. the same
+    key twice in one batch), `pinv` holds M's pseudo-inverse instead: the minimum-norm
+    solution, which for repeated keys with equal targets is the exact one.
     """
 
     matrix: Tensor
     cholesky: Tensor | None
+    pinv: Tensor | None = None
 
     def solve(self, rhs: Tensor) -> Tensor:
         """M^-1 rhs."""
         if self.cholesky is not None:
             return torch.cholesky_solve(rhs, self.cholesky)
-        return torch.linalg.solve(self.matrix, rhs)
+        return self.pinv @ rhs
 
 
 def gram_factor(K: Tensor, lam: Tensor | float) -> GramFactor:
@@ -74,9 +77,11 @@ def factor_gram(gram: Tensor, lam: Tensor | float) -> GramFactor:
     M = gram.clone()
     M.diagonal().add_(_ridge(lam, M))
     L, info = torch.linalg.cholesky_ex(M)
-    # info > 0: not numerically positive definite (e.g. e^lam far below the round-off
-    # of a rank-deficient K K^T). LU still returns the best answer the precision allows.
-    return GramFactor(matrix=M, cholesky=L if int(info) == 0 else None)
+    if int(info) == 0:
+        return GramFactor(matrix=M, cholesky=L)
+    # not numerically positive definite: an LU solve can fail outright on an exactly
+    # singular M, the symmetric pseudo-inverse (eigh) cannot
+    return GramFactor(matrix=M, cholesky=None, pinv=torch.linalg.pinv(M, hermitian=True))
 
 
 def ridge_dual(K: Tensor, D: Tensor, lam: Tensor | float, return_factor: bool = False):
