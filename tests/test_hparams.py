@@ -61,7 +61,8 @@ def test_misspelled_key_names_the_file_the_key_and_the_closest_name(tmp_path):
 @pytest.mark.parametrize("text, key", [("edit_steps: 0\n", "edit_steps"), ("rank: 0\n", "rank"),
                                        ("init_lr: fast\n", "init_lr"),
                                        ("accumulate: double\n", "accumulate"),
-                                       ("settled_prob: 1.5\n", "settled_prob")])
+                                       ("settled_prob: 1.5\n", "settled_prob"),
+                                       ("inner_params: [a.c_proj, b, a.c_proj.weight]\n", "inner_params")])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(HParamsError, match=rf"x\.yaml: key '{key}'"):
         RLEditHyperParams.from_hparams(_write(tmp_path, text))

@@ -136,6 +136,9 @@ class RLEditHyperParams(_YamlParams):
         self.alg_name = "RLEdit"   # EasyEdit's ALG_DICT is keyed by this exact spelling
         self.inner_params = [p[:-len(".weight")] if p.endswith(".weight") else p
                              for p in (self.inner_params or [])]
+        twice = sorted({p for p in self.inner_params if self.inner_params.count(p) > 1})
+        if twice:
+            raise HParamsError(f"{source}: key 'inner_params' names {twice} more than once")
         for key in ("rank", "n_blocks", "max_length", "batch_size", "edit_minibatch", "edit_steps"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"{source}: key '{key}' must be >= 1")

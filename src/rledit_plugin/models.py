@@ -34,7 +34,11 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 def io_dims(module: nn.Module) -> Tuple[int, int]:
     """``(d_in, d_out)`` of an editable linear map."""
-    w = module.weight
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):      # a container (a whole MLP block, a layer)
+        children = [n for n, _ in module.named_children()][:6]
+        raise TypeError(f"cannot edit {type(module).__name__}: it has no weight of its own; name one "
+                        f"of its linear maps (its children: {children})")
     if is_conv1d(module):
         return int(w.shape[0]), int(w.shape[1])
     if isinstance(module, nn.Linear):

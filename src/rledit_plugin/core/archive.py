@@ -134,7 +134,11 @@ def load_archive(path: str, model, expect_modules: Optional[Sequence[str]] = Non
     if hp.get("key_whitening"):
         net.enable_whitening()          # buffers exist before the archive's values load into them
     state = load_file(os.path.join(path, TENSORS))
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:     # a tensor's shape disagrees with the hparams in the JSON
+        raise ArchiveError(f"{path}: tensors do not match the hypernetwork its {META} "
+                           f"describes: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise ArchiveError(f"{path}: tensors do not match the hypernetwork "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..data.records import EditRecord, edit_batch
+from ..data.records import EditRecord, RecordError, edit_batch
 from ..hparams import RLEditHyperParams
 from ..kernels import apply_low_rank_, make_residual
 from ..models import default_edit_modules, get_module, io_dims, model_device, weight_view
@@ -82,6 +82,17 @@ def edit_module_names(model: nn.Module, hparams: RLEditHyperParams) -> List[str]
     return list(hparams.inner_params) or default_edit_modules(model)
 
 
+def check_records(records: Sequence[EditRecord]) -> None:
+    """Refuse an empty batch or any record that is not a valid :class:`EditRecord` (the error
+    names the record's index in the batch and the field) before anything is computed."""
+    if not records:
+        raise ValueError("no records to edit")
+    for i, r in enumerate(records):
+        if not isinstance(r, EditRecord):
+            raise RecordError(f"expected an EditRecord, got {type(r).__name__}", index=i)
+        r.validate(index=i)
+
+
 def build_hypernetwork(model: nn.Module, hparams: RLEditHyperParams) -> HyperNetwork:
     shapes = {name: io_dims(get_module(model, name)) for name in edit_module_names(model, hparams)}
     with torch.random.fork_rng(devices=[]):
@@ -98,6 +109,11 @@ class RLEditor:
                  hypernet: Optional[HyperNetwork] = None, keep_journal: bool = True,
                  whitening_texts: Optional[Sequence[str]] = None):
         self.model, self.tok, self.hparams = model, tok, hparams
+        config = getattr(model, "config", None)
+        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and hparams.max_length > positions:
+            raise ValueError(f"hparams key 'max_length' is {hparams.max_length} but the model has "
+                             f"{positions} positions")
         names = edit_module_names(model, hparams)
         self.modules: Dict[str, nn.Module] = {n: get_module(model, n) for n in names}
         if hypernet is None and hparams.archive:
@@ -166,10 +182,9 @@ class RLEditor:
         ``prefix``: shared by the rounds of ``batch``; later rounds skip the part of the
         forward that precedes the first edited module (core/prefix.py).
         """
-        if not records:
-            raise ValueError("no records to edit")
         hp = self.hparams
         if batch is None:
+            check_records(records)
             batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
         cap = capture(self.model, self.modules, batch, minibatch=hp.edit_minibatch, prefix=prefix)
         update_norm = hp.lifelong_norm if update_norm is None else update_norm
@@ -218,35 +233,55 @@ class RLEditor:
         """``edit_steps`` rounds of capture -> predict -> apply on ``records``; the updates, in order.
 
         Only the first round may update the normaliser: later rounds see the same records.
+        If a round fails (a solver error, an interrupt), the rounds already applied are taken
+        back and the normaliser restored before the error propagates (:meth:`_take_back`).
         """
-        if not records:
-            raise ValueError("no records to edit")
+        return self._rounds(records, update_norm, exact_undo=False)
+
+    def _rounds(self, records, update_norm: Optional[bool], exact_undo: bool) -> List[Update]:
+        check_records(records)
         hp = self.hparams
         batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
         prefix = (ForwardPrefix(self.model, self.modules, low_rank_head=True)
                   if hp.edit_steps > 1 and hp.reuse_prefix else None)
+        norm_before = norm_state(self.hypernet)
         rounds = []
-        for step in range(hp.edit_steps):
-            update = self.compute_update(records, update_norm=update_norm if step == 0 else False,
-                                         batch=batch, previous=rounds[-1] if rounds else None,
-                                         prefix=prefix)
-            if rounds and self.settled(update.capture):
-                break     # every D row is 0: this round and all after it would change nothing
-            self.apply(update)
-            if prefix is not None:
-                for name, module in self.modules.items():
-                    prefix.applied(module, update.keys[name], update.coeffs[name])
-            rounds.append(update)
+        try:
+            for step in range(hp.edit_steps):
+                update = self.compute_update(records, update_norm=update_norm if step == 0 else False,
+                                             batch=batch, previous=rounds[-1] if rounds else None,
+                                             prefix=prefix)
+                if rounds and self.settled(update.capture):
+                    break     # every D row is 0: this round and all after it would change nothing
+                self.apply(update)
+                rounds.append(update)
+                if prefix is not None:
+                    for name, module in self.modules.items():
+                        prefix.applied(module, update.keys[name], update.coeffs[name])
+        except BaseException:
+            self._take_back(rounds, norm_before, exact_undo)
+            raise
         if self.memory is not None:     # the last round's keys are the ones now written
             last = rounds[-1]
             for name in self.modules:
                 self.memory.add(name, last.capture.keys[name], last.keys[name], last.grams[name])
         return rounds
 
+    def _take_back(self, rounds: List[Update], norm: Dict[str, torch.Tensor], exact: bool) -> None:
+        """Undo the applied ``rounds`` of a batch that failed part-way: ``exact`` (every earlier
+        batch went through :meth:`edit` and its journal) by the pristine weights and the journal
+        replayed, otherwise by applying each round negated in reverse order (equal up to rounding)."""
+        if rounds and exact:
+            self._rewind(list(self.journal), list(self._norm_history), norm)
+            return
+        for update in reversed(rounds):
+            self.apply(update, alpha=-1.0)
+        load_norm_state(self.hypernet, norm)
+
     def edit(self, records: Sequence[EditRecord]) -> dict:
         """Write ``records`` into the model (lifelong: accumulates, never reverts)."""
         norm_before = norm_state(self.hypernet) if self.keep_journal else None
-        rounds = self.edit_rounds(records)
+        rounds = self._rounds(records, None, exact_undo=self.keep_journal)
         if self.keep_journal:   # one journal entry per batch: the rounds' factors stacked row-wise
             first = next(iter(self.modules))
             self.journal.append(Update(
@@ -287,8 +322,10 @@ class RLEditor:
             raise ValueError(f"cannot roll back {n} of {len(self.journal)} edit batches")
         if n == 0:
             return
-        keep, norm = self.journal[:-n], self._norm_history[-n]
-        history = self._norm_history[:-n]
+        self._rewind(self.journal[:-n], self._norm_history[:-n], self._norm_history[-n])
+
+    def _rewind(self, keep: List[Update], history: List[dict], norm: Dict[str, torch.Tensor]) -> None:
+        """Pristine weights, then the journal entries ``keep`` replayed exactly; normaliser ``norm``."""
         self.restore()
         device = model_device(self.model)
         for entry in keep:
@@ -299,11 +336,14 @@ class RLEditor:
                 for name, k in entry.memory_keys.items():
                     k = k.to(device)
                     self.memory.add(name, k, *self.memory.factors(name, k))
-        self.journal, self._norm_history = list(keep), history
+        self.journal, self._norm_history = list(keep), list(history)
         load_norm_state(self.hypernet, norm)
 
     def delta(self, name: str) -> torch.Tensor:
         """The accumulated ``dW`` (d_in, d_out) of one module, from the journal (fp32)."""
+        if not self.keep_journal:
+            raise RuntimeError("delta needs keep_journal=True (without a journal the editor does "
+                               "not keep the factors it applied)")
         total = None
         for update in self.journal:
             part = update.keys[name].t() @ update.coeffs[name]
