@@ -1,6 +1,7 @@
 """Hyper-parameter files: every shipped YAML loads; bad keys and values name the file and key."""
 import glob
 import os
+import re
 
 import pytest
 
@@ -66,6 +67,28 @@ def test_misspelled_key_names_the_file_the_key_and_the_closest_name(tmp_path):
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(HParamsError, match=rf"x\.yaml: key '{key}'"):
         RLEditHyperParams.from_hparams(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("key_whitening: 'false'\n", "key_whitening", "true or false"),
+    ("inner_params: transformer.h.0.mlp.c_proj\n", "inner_params", "a list of strings"),
+    ("rank: big\n", "rank", "an integer"), ("rank:\n", "rank", "set (not null)"),
+    ("rank: 2.5\n", "rank", "an integer"), ("max_length: '48'\n", "max_length", "an integer"),
+    ("seed: abc\n", "seed", "an integer"), ("device: gpu\n", "device", "cpu, cuda"),
+    ("device: [0]\n", "device", "a device index or name"), ("init_lr: -1e-3\n", "init_lr", "> 0"),
+    ("init_lr: true\n", "init_lr", "a number"), ("archive: 3\n", "archive", "a string"),
+])
+def test_wrong_types_name_the_key(tmp_path, text, key, words):
+    with pytest.raises(HParamsError, match=rf"x\.yaml: key '{key}' must be {re.escape(words)}"):
+        RLEditHyperParams.from_hparams(_write(tmp_path, text))
+
+
+def test_right_types_load_as_the_fields_types(tmp_path):
+    hp = RLEditHyperParams.from_hparams(_write(tmp_path, "rank: 16.0\ndevice: 0\narchive: null\n"
+                                                         "whitening_damping: 1\nsettled_prob: null\n"))
+    assert hp.rank == 16 and isinstance(hp.rank, int) and hp.device == 0 and hp.archive is None
+    assert hp.whitening_damping == 1.0 and isinstance(hp.whitening_damping, float)
+    assert RLEditHyperParams.from_hparams(_write(tmp_path, "device: cuda:1\n")).device == "cuda:1"
 
 
 @pytest.mark.parametrize("text, key", [("loc_reference: start\n", "loc_reference"),

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -29,6 +30,44 @@ def _to_number(value: Any) -> Any:
     return value
 
 
+def _checked(key: str, value: Any, ftype: str, source: str) -> Any:
+    """``value`` as the field's annotated type (float strings such as ``1e-4`` included), or an
+    error naming the file and the key; YAML's own types are trusted no further than that."""
+    def bad(what):
+        return HParamsError(f"{source}: key '{key}' must be {what}, got {value!r}")
+    if value is None:
+        if ftype.startswith("Optional"):
+            return None
+        raise bad("set (not null)")
+    base = ftype[len("Optional["):-1] if ftype.startswith("Optional[") else ftype
+    if base == "float":
+        number = _to_number(value) if not isinstance(value, bool) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise bad("a number")
+        return float(number)
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise bad("an integer")
+        return int(value)
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if base == "List[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return list(value)
+    if base == "Union[int, str]":      # device: an index or a name
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise bad("a device index or name")
+        return value
+    return value
+
+
 @dataclass
 class _YamlParams:
     """Base: from_hparams / from_json / from_dict / to_dict with strict keys."""
@@ -42,15 +81,7 @@ class _YamlParams:
             near = difflib.get_close_matches(key, list(names), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise HParamsError(f"{source}: unknown key '{key}'{hint} for {cls.__name__}")
-        kwargs = {}
-        for key, value in config.items():
-            ftype = str(names[key].type)
-            if "float" in ftype and isinstance(value, (str, int)) and not isinstance(value, bool):
-                converted = _to_number(value)
-                if isinstance(converted, str):
-                    raise HParamsError(f"{source}: key '{key}' must be a number, got {value!r}")
-                value = float(converted)
-            kwargs[key] = value
+        kwargs = {key: _checked(key, value, str(names[key].type), source) for key, value in config.items()}
         obj = cls(**kwargs)
         obj.validate(source)
         return obj
@@ -142,6 +173,11 @@ class RLEditHyperParams(_YamlParams):
         for key in ("rank", "n_blocks", "max_length", "batch_size", "edit_minibatch", "edit_steps"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"{source}: key '{key}' must be >= 1")
+        if float(self.init_lr) <= 0:
+            raise HParamsError(f"{source}: key 'init_lr' must be > 0 (the initial edit step)")
+        if not re.fullmatch(r"cpu|mps|auto|(cuda|xpu|npu)(:\d+)?|\d+", str(self.device)):
+            raise HParamsError(f"{source}: key 'device' must be cpu, cuda, cuda:N, mps, auto or a GPU "
+                               f"index, got {self.device!r}")
         if self.accumulate not in ("none", "fp32", "kahan"):
             raise HParamsError(f"{source}: key 'accumulate' must be none, fp32 or kahan")
         if self.kernel_path not in ("auto", "torch", "triton"):
