@@ -119,3 +119,22 @@ def test_setup_mistakes_are_named(random_gpt2, tmp_path):
     (tmp_path / META).write_text(json.dumps(meta))
     with pytest.raises(ArchiveError, match="tensors do not match the hypernetwork"):
         load_archive(str(tmp_path), model)
+
+
+@pytest.mark.parametrize("change,match", [({"rank": 16}, "rank=8, the hparams say rank=16"),
+                                          ({"n_blocks": 3}, "n_blocks=2"),
+                                          ({"key_whitening": False}, "key_whitening=true")])
+def test_hparams_that_disagree_with_the_archive_are_refused(random_gpt2, world, tmp_path, change, match):
+    from rledit_plugin.core.archive import ArchiveError, save_archive
+    from rledit_plugin.core.whitening import record_texts
+    model, tok = copy.deepcopy(random_gpt2[0]), random_gpt2[1]
+    trained = RLEditor(model, tok, RLEditHyperParams(inner_params=MODULES, rank=8, n_blocks=2, max_length=48,
+                                                     key_whitening=True),
+                       whitening_texts=record_texts(world.train_records[:20]))
+    save_archive(str(tmp_path), trained.hypernet, model, trained.hparams)
+    ok = dict(inner_params=MODULES, rank=8, n_blocks=2, max_length=48, key_whitening=True, archive=str(tmp_path))
+    RLEditor(model, tok, RLEditHyperParams(**ok))                       # the archive's own values: fine
+    with pytest.warns(UserWarning, match="whitening_damping"):
+        RLEditor(model, tok, RLEditHyperParams(**ok, whitening_damping=0.5))
+    with pytest.raises(ArchiveError, match=match):
+        RLEditor(model, tok, RLEditHyperParams(**{**ok, **change}))

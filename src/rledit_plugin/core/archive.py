@@ -92,14 +92,15 @@ def read_meta(path: str) -> dict:
 
 
 def load_archive(path: str, model, expect_modules: Optional[Sequence[str]] = None,
-                 strict_weights: bool = False, edit_steps: Optional[int] = None) -> HyperNetwork:
+                 strict_weights: bool = False, edit_steps: Optional[int] = None,
+                 hparams: Optional[RLEditHyperParams] = None) -> HyperNetwork:
     """Rebuild the hypernetwork for ``model``; refuses a model of another family or shape.
 
     A different checkpoint of the same architecture is allowed (the usual case:
     train on one copy, edit another) but logged; ``strict_weights=True`` refuses it.
     ``edit_steps``: the rounds the caller will edit with; a hypernetwork trained for another
     number of rounds (archives before ``edit_steps`` existed: 1) works but is off-policy, so
-    it is a warning.
+    it is a warning.  ``hparams``: the caller's; see :func:`check_hparams`.
     """
     meta = read_meta(path)
     names = list(meta["modules"])
@@ -122,6 +123,8 @@ def load_archive(path: str, model, expect_modules: Optional[Sequence[str]] = Non
         import logging
         logging.getLogger(__name__).info(msg)
     hp = meta["hparams"]
+    if hparams is not None:
+        check_hparams(path, hp, hparams)
     trained_steps = int(hp.get("edit_steps", 1))
     if edit_steps is not None and int(edit_steps) != trained_steps:
         import warnings
@@ -143,6 +146,28 @@ def load_archive(path: str, model, expect_modules: Optional[Sequence[str]] = Non
         raise ArchiveError(f"{path}: tensors do not match the hypernetwork "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return net
+
+
+# keys the archive fixes: a different value in the caller's hparams would be silently ignored
+_FIXED_BY_ARCHIVE = ("rank", "n_blocks", "norm_eps")
+
+
+def check_hparams(path: str, stored: dict, hparams: RLEditHyperParams) -> None:
+    """Refuse hparams that ask for a hypernetwork other than the archive's (the archive would
+    win without a word); warn where the archive's key statistics replace the hparams' damping."""
+    for key in _FIXED_BY_ARCHIVE:
+        if key in stored and stored[key] != getattr(hparams, key):
+            raise ArchiveError(f"{path}: archive was trained with {key}={stored[key]!r}, the hparams "
+                               f"say {key}={getattr(hparams, key)!r}: set it to the archive's value "
+                               f"or retrain (rledit train)")
+    if stored.get("key_whitening") and not hparams.key_whitening:
+        raise ArchiveError(f"{path}: archive was trained with key_whitening=true, the hparams say "
+                           f"false: set key_whitening: true or retrain without it")
+    if stored.get("key_whitening") and stored.get("whitening_damping") != hparams.whitening_damping:
+        import warnings
+        warnings.warn(f"{path}: the archive's key statistics (whitening_damping="
+                      f"{stored.get('whitening_damping')!r}) are used, not whitening_damping="
+                      f"{hparams.whitening_damping!r}", stacklevel=3)
 
 
 def archive_hparams(path: str) -> RLEditHyperParams:

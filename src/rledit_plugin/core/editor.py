@@ -119,7 +119,7 @@ class RLEditor:
         if hypernet is None and hparams.archive:
             from .archive import load_archive
             hypernet = load_archive(hparams.archive, model, expect_modules=names,
-                                    edit_steps=hparams.edit_steps)
+                                    edit_steps=hparams.edit_steps, hparams=hparams)
         self.hypernet = hypernet if hypernet is not None else build_hypernetwork(model, hparams)
         if sorted(self.hypernet.module_names) != sorted(names):
             raise ValueError(f"hypernetwork edits {sorted(self.hypernet.module_names)} "
