@@ -322,6 +322,22 @@ def test_local_model_directory(ee, small, requests_, tmp_path):
         host.prepare_model_dir(str(unnamed))
 
 
+def test_a_bad_request_is_refused_before_any_is_edited(ee, small, requests_):
+    """BaseEditor edits request after request: a bad fifth one must be found before the first
+    four are written, and named by its index in the caller's list."""
+    from rledit_plugin.data.records import RecordError
+    model, tok = small
+    editor = host.make_editor(hparams(batch_size=2), model, tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kwargs = edit_kwargs(requests_)
+    kwargs["target_new"][4] = "  "
+    for call in (editor.edit, editor.batch_edit):
+        with pytest.raises(RecordError, match=r"<prompts/target_new>, record 4, field 'target_new'"):
+            call(**kwargs, **accumulate())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert host.get_editor(model) is None or not host.get_editor(model).journal
+
+
 # ------------------------------------------------------------------ datasets and metrics
 
 def test_easyedit_datasets_load_the_world_files(ee, world, small, tmp_path):

@@ -53,6 +53,36 @@ def _require_device_support(hparams) -> None:
                            "(or use `with cpu_shim():`)")
 
 
+def _check_requests(prompts, target_new) -> None:
+    """Every (prompt, target) pair valid before BaseEditor's loop applies the first one: an
+    error names the pair's index in the caller's lists (EasyEdit edits them one chunk after
+    another, so a bad pair found there would leave the earlier ones written)."""
+    from ..data.records import EditRecord, RecordError
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    targets = [target_new] if isinstance(target_new, str) else list(target_new)
+    if len(prompts) != len(targets):
+        raise RecordError(f"{len(prompts)} prompts but {len(targets)} targets", field="target_new")
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        EditRecord(p, t).validate(file="<prompts/target_new>", index=i)
+
+
+def _validate_before_editing(editor):
+    """``editor.edit`` / ``editor.batch_edit`` check every request before anything is edited."""
+    for name in ("edit", "batch_edit"):
+        original = getattr(editor, name, None)
+        if original is None:
+            continue
+
+        def checked(*args, _original=original, **kwargs):
+            prompts = kwargs["prompts"] if "prompts" in kwargs else (args[0] if args else None)
+            targets = kwargs["target_new"] if "target_new" in kwargs else (args[1] if len(args) > 1 else None)
+            if prompts is not None and targets is not None:
+                _check_requests(prompts, targets)
+            return _original(*args, **kwargs)
+        setattr(editor, name, checked)
+    return editor
+
+
 def make_editor(hparams, model=None, tok=None, *, model_dir: Optional[str] = None):
     """An EasyEdit ``BaseEditor`` running RLEdit.
 
@@ -63,7 +93,8 @@ def make_editor(hparams, model=None, tok=None, *, model_dir: Optional[str] = Non
     ``hparams.model_name``) checked and completed by :func:`prepare_model_dir`;
     ``embedded-tiny-gpt2`` / ``embedded-tiny-llama`` load the offline tiny LM.
     A tokenizer that returns ``token_type_ids`` to a causal LM loses them (warning).
-    On the PyPI release without CUDA the CPU shim must be on.
+    On the PyPI release without CUDA the CPU shim must be on.  Its ``edit`` and ``batch_edit``
+    check every prompt and target before the first is edited.
     """
     from ..models import EMBEDDED_PREFIX, load_model_and_tokenizer
 
@@ -79,7 +110,7 @@ def make_editor(hparams, model=None, tok=None, *, model_dir: Optional[str] = Non
         hparams.model_name = (model, tok)
         editor = easyeditor.BaseEditor.from_hparams(hparams)
         editor.model_name = hparams.model_name = family_name(model)
-        return editor
+        return _validate_before_editing(editor)
     path = model_dir if model_dir is not None else hparams.model_name
     if not isinstance(path, str) or not path:
         raise ValueError("make_editor: give model and tok, or a local model directory")
@@ -89,7 +120,7 @@ def make_editor(hparams, model=None, tok=None, *, model_dir: Optional[str] = Non
     hparams.model_name = prepare_model_dir(path)
     editor = easyeditor.BaseEditor.from_hparams(hparams)
     _drop_token_type_ids(editor.model, editor.tok)
-    return editor
+    return _validate_before_editing(editor)
 
 
 def _path_word(path: str) -> Optional[str]:
