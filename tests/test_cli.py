@@ -4,6 +4,7 @@ model-specific keys changed (the model is a tiny random Llama, saved the way a d
 checkpoint is)."""
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -63,10 +64,16 @@ def test_train_then_edit_a_local_model_with_the_real_model_yamls(user_setup, cap
     assert report["edits"] == 6 and printed["post"] == report["post"]
     assert report["post"]["weight_change_norm"] > 0        # the edits were written
     assert report["config"]["hparams"]["archive"] == str(archive)
+    assert [p["edits"] for p in report["curve"]] == [2, 4, 6]
+    # --curve-every 0: the end of the stream only; fewer turns than records: said, not silent
+    assert cli.main(["edit", "--hparams", edit_yaml, "--data", files["eval"], "--turns", "2",
+                     "--batch", "2", "--out", str(out), "--curve-every", "0"]) == 0
+    assert "editing the first 4 of 6 records" in capsys.readouterr().err
+    assert json.loads((out / "edit.json").read_text())["RLEdit"]["curve"] == []
     assert all((out / f"edit.{ext}").stat().st_size > 0 for ext in ("json", "md", "png"))
 
 
-def test_edit_refuses_an_archive_trained_for_other_modules(user_setup):
+def test_edit_refuses_an_archive_trained_for_other_modules(user_setup, capsys):
     tmp_path, mine, files = user_setup
     archive = tmp_path / "archive"
     train_yaml = _derived_yaml("TRAINING/RLEdit/llama3-8b.yaml", tmp_path / "train.yaml", **mine,
@@ -76,7 +83,25 @@ def test_edit_refuses_an_archive_trained_for_other_modules(user_setup):
     assert cli.main(["train", "--hparams", train_yaml]) == 0
     other = dict(mine, inner_params=["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"])
     edit_yaml = _derived_yaml("RLEdit/llama3-8b.yaml", tmp_path / "edit.yaml", **other, archive=str(archive))
-    with pytest.raises(Exception, match="archive edits"):
-        cli.main(["edit", "--hparams", edit_yaml, "--data", files["eval"], "--turns", "1",
-                  "--batch", "2", "--out", str(tmp_path / "edit")])
+    assert cli.main(["edit", "--hparams", edit_yaml, "--data", files["eval"], "--turns", "1",
+                     "--batch", "2", "--out", str(tmp_path / "edit")]) == 2
+    assert "archive edits" in capsys.readouterr().err
     assert not (tmp_path / "edit").exists()   # refused before any edit or any file written
+
+
+@pytest.mark.parametrize("bad,words", [
+    ('[{"src": "Who wrote Hamlet?", "alt": "Marlowe", "rephrase": "Hamlet was written by",'
+     ' "loc": "nq question: who sang thriller", "loc_ans": "Michael Jackson"}, {"src": "x"}]',
+     "record 1, field 'alt'"),
+    ("[{", "invalid JSON at line 1"),
+])
+def test_a_bad_data_file_is_one_line_naming_file_record_and_field(user_setup, capsys, bad, words):
+    tmp_path, mine, _ = user_setup
+    data = tmp_path / "bad.json"
+    data.write_text(bad)
+    edit_yaml = _derived_yaml("RLEdit/llama3-8b.yaml", tmp_path / "edit.yaml", **mine)
+    assert cli.main(["edit", "--hparams", edit_yaml, "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rledit edit: error: file {data}") and words in err[0]
+    with pytest.raises(Exception, match=re.escape(words)):      # --verbose: the traceback
+        cli.main(["-v", "edit", "--hparams", edit_yaml, "--data", str(data), "--out", str(tmp_path / "o")])

@@ -114,7 +114,11 @@ def cmd_edit(args) -> int:
     if world is not None:
         texts = _statistics_texts(hp.model_name, world.train_records, world) or \
             record_texts(world.train_records)
-    result, paths = run_edit_stream(hp, records, args.turns, args.batch, args.out, args.curve_every,
+    used = min(len(records), args.turns * args.batch)
+    if used < len(records):
+        print(f"[edit] editing the first {used} of {len(records)} records ({args.turns} turns x "
+              f"{args.batch}; --turns/--batch edit more)", file=sys.stderr)
+    result, paths = run_edit_stream(hp, records, args.turns, args.batch, args.out, args.curve_every or None,
                                     heldout=heldout, whitening_texts=texts)
     print(json.dumps({"post": result["post"], "files": paths}, indent=2, default=str))
     return 0
@@ -137,7 +141,7 @@ def cmd_demo(args) -> int:
         raise SystemExit(f"rledit demo runs on the embedded tiny LM; {hp.model_name!r} is not one "
                          "(use `rledit train` and `rledit edit` for other models)")
     hp.results_dir = str(out / "archive")
-    turns, batch = (20, 20) if args.quick else (args.turns, args.batch)
+    turns, batch = args.turns or (20 if args.quick else 100), args.batch
     if args.quick and args.hparams and not hp.model_name.endswith(QUICK_SUFFIX):
         hp.n_trajectories = max(1, hp.n_trajectories // 4)    # the user's YAML, scaled down
         hp.model_name += QUICK_SUFFIX
@@ -170,40 +174,52 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rledit", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log progress details, and show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    w = sub.add_parser("world", help="write the synthetic world's datasets")
-    w.add_argument("--out", required=True)
-    w.add_argument("--seed", type=int, default=0)
+    from .data.formats import FORMAT_CHOICES
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text)
+
+    w = command("world", "write the synthetic world's datasets and pre-training corpus")
+    w.add_argument("--out", required=True, help="directory for the files")
+    w.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
     w.set_defaults(func=cmd_world)
 
-    t = sub.add_parser("train", help="train the hypernetwork (sequence level)")
-    t.add_argument("--hparams", help="training YAML (default hparams/TRAINING/RLEdit/tiny.yaml)")
-    t.add_argument("--train-data", dest="train_data")
-    t.add_argument("--val-data", dest="val_data")
-    t.add_argument("--results-dir", dest="results_dir")
-    t.add_argument("--trajectories", dest="n_trajectories", type=int)
+    t = command("train", "train the hypernetwork along edit sequences; writes an archive")
+    t.add_argument("--hparams", help="training YAML (default: the repository's hparams/TRAINING/RLEdit/tiny.yaml)")
+    t.add_argument("--train-data", dest="train_data",
+                   help="training records file (overrides the YAML's train_data; default: the "
+                        "embedded world's train split)")
+    t.add_argument("--val-data", dest="val_data", help="validation records file (overrides val_data)")
+    t.add_argument("--results-dir", dest="results_dir", help="archive directory (overrides results_dir)")
+    t.add_argument("--trajectories", dest="n_trajectories", type=int,
+                   help="number of training trajectories (overrides n_trajectories; 0 = untrained)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("edit", help="lifelong editing stream, scored")
-    e.add_argument("--hparams", help="editing YAML (default hparams/RLEdit/tiny.yaml)")
-    e.add_argument("--archive", help="trained hypernetwork directory")
-    e.add_argument("--data", help="records file (default: the embedded eval split)")
-    e.add_argument("--format", default="auto")
-    e.add_argument("--turns", type=int, default=100)
-    e.add_argument("--batch", type=int, default=20)
-    e.add_argument("--curve-every", dest="curve_every", type=int, default=10)
-    e.add_argument("--out", default="runs/edit")
+    e = command("edit", "a lifelong editing stream, scored; writes JSON, a table and a plot")
+    e.add_argument("--hparams", help="editing YAML (default: the repository's hparams/RLEdit/tiny.yaml)")
+    e.add_argument("--archive", help="trained hypernetwork directory (overrides the YAML's archive)")
+    e.add_argument("--data", help="records file (default: the embedded world's eval split)")
+    e.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="format of --data (default: auto, from the first record's keys)")
+    e.add_argument("--turns", type=int, default=100, help="edit batches in the stream (default 100)")
+    e.add_argument("--batch", type=int, default=20, help="records per edit batch (default 20)")
+    e.add_argument("--curve-every", dest="curve_every", type=int, default=10,
+                   help="also score the records edited so far every N turns (default 10; 0: end of "
+                        "stream only)")
+    e.add_argument("--out", default="runs/edit", help="output directory (default runs/edit)")
     e.set_defaults(func=cmd_edit)
 
-    d = sub.add_parser("demo", help="the embedded default end to end")
+    d = command("demo", "the embedded default end to end: world, tiny LM, training, stream")
     d.add_argument("--quick", action="store_true",
                    help="the small world's tiny LM, shorter training and a 20 x 20 stream")
-    d.add_argument("--hparams", help="training YAML (default hparams/TRAINING/RLEdit/tiny.yaml)")
-    d.add_argument("--turns", type=int, default=100)
-    d.add_argument("--batch", type=int, default=20)
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--hparams", help="training YAML (default: hparams/TRAINING/RLEdit/tiny.yaml, "
+                                     "tiny-quick.yaml with --quick)")
+    d.add_argument("--turns", type=int, help="edit batches in the stream (default: 100, 20 with --quick)")
+    d.add_argument("--batch", type=int, default=20, help="records per edit batch (default 20)")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.set_defaults(func=cmd_demo)
 
     from .compare_cli import add_compare_parser
@@ -214,10 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. A mistake in the user's input (a data file, a YAML file, an archive)
+    is one line on stderr and exit status 2, the traceback only with --verbose."""
+    from .core.archive import ArchiveError
+    from .data.records import RecordError
+    from .hparams import HParamsError
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (RecordError, HParamsError, ArchiveError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"rledit {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

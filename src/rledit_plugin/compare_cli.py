@@ -19,6 +19,7 @@ import torch
 from .compare import (ALGORITHMS, DEFAULT_ALGS, Comparison, hparams_key_name, is_failure,
                       parse_algs, run_comparison)
 from .compare_report import write_comparison
+from .data.formats import FORMAT_CHOICES
 
 
 def _read_lines(path: str) -> List[str]:
@@ -107,16 +108,17 @@ def add_compare_parser(subparsers) -> None:
     c.add_argument("--algs", default=DEFAULT_ALGS,
                    help=f"comma-separated, from {','.join(ALGORITHMS)} (default {DEFAULT_ALGS})")
     c.add_argument("--data", help="records file (default: the embedded world's eval split)")
-    c.add_argument("--format", default="auto")
-    c.add_argument("--turns", type=int, default=20)
-    c.add_argument("--batch", type=int, default=20)
+    c.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+                   help="format of --data (default: auto, from the first record's keys)")
+    c.add_argument("--turns", type=int, default=20, help="edit batches in the stream (default 20)")
+    c.add_argument("--batch", type=int, default=20, help="records per edit batch (default 20)")
     c.add_argument("--curve-every", dest="curve_every", type=int, default=0,
                    help="score the records edited so far every N turns (0: end of stream only)")
-    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     c.add_argument("--name", default="compare", help="file stem of the report")
     c.add_argument("--model", default="embedded-tiny-gpt2",
                    help="local model directory, or embedded-tiny-gpt2 (default)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     c.add_argument("--hparams-key", dest="hparams_key",
                    help="hparams/<ALG>/<KEY>.yaml (default: tiny for the embedded model, else "
                         "the model directory's name)")
@@ -139,7 +141,7 @@ def add_compare_parser(subparsers) -> None:
     c.add_argument("--no-generation", dest="no_generation", action="store_true",
                    help="skip greedy-decoding exact match")
     c.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed of every method (default 0)")
     c.set_defaults(func=cmd_compare)
 
 

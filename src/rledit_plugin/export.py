@@ -239,16 +239,18 @@ def export_lora(editor, out_dir: str, rank: Optional[int] = None,
 
 def add_export_parser(subparsers):
     """Add ``rledit export-lora`` to the ``rledit`` sub-command parsers."""
+    from .data.formats import FORMAT_CHOICES
     p = subparsers.add_parser("export-lora", help="edit a stream, then save the edits as a PEFT LoRA adapter")
     p.add_argument("--hparams", help="editing YAML (default hparams/RLEdit/tiny.yaml)")
     p.add_argument("--archive", help="trained hypernetwork directory")
     p.add_argument("--data", help="records file (default: the embedded eval split)")
-    p.add_argument("--format", default="auto")
+    p.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+                   help="format of --data (default: auto, from the first record's keys)")
     p.add_argument("--turns", type=int, default=None, help="edit batches (default: all records)")
     p.add_argument("--batch", type=int, default=20, help="records per edit batch")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: exact)")
     p.add_argument("--base-model", dest="base_model", help="base_model_name_or_path written in the adapter")
-    p.add_argument("--out", default="runs/export-lora")
+    p.add_argument("--out", default="runs/export-lora", help="adapter directory (default runs/export-lora)")
     p.set_defaults(func=cmd_export_lora)
     return p
 

@@ -203,6 +203,8 @@ READERS: Dict[str, Callable[[_Raw], EditRecord]] = {
     "fever": _from_fever, "requests": _from_request,
 }
 
+FORMAT_CHOICES = ("auto", *READERS)    # what load_records(format=...) takes
+
 # Keys that identify a format in its first record, most specific first.
 _SIGNATURES = [("counterfact", {"requested_rewrite"}), ("zsre", {"src"}),
                ("fever", {"prompt", "alt"}),
