@@ -233,6 +233,8 @@ BAD = [  # (item placed at index 2, format, field named in the error, words in t
      "is missing"),
     (dict(REQUEST, locality=["p"]), "requests", "locality", "expected an object"),
     (dict(REQUEST, target_new=["a"]), "requests", "target_new", "expected a string"),
+    (dict(ZSRE_EASYEDIT, rephrase=None), "zsre", "rephrase", "is null"),
+    (dict(FEVER, equiv_prompt=None), "fever", "equiv_prompt", "is null"),
     (dict(REQUEST, portability="x"), "requests", "portability", "expected an object"),
 ]
 

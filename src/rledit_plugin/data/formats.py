@@ -17,8 +17,9 @@ Formats (``format=``), by the keys of one record:
   ``rephrase_prompt, subject, locality{name: {prompt, ground_truth}}`` (or flat
   ``locality_prompt, locality_ground_truth``), ``portability`` (kept as is).
 
-Prompts may be a string or a list of strings.  An answer may be a list of aliases
-(possibly nested, as in EasyEdit's KnowEdit files): the first one is used.
+Prompts may be a string or a list of strings.  A true or locality answer may be a list of
+aliases (possibly nested, as in EasyEdit's KnowEdit files): the first one is used; the edit
+target must be one string.  A required field set to null is an error, as a missing one is.
 Locality prompts are kept verbatim, ZsRE's ``"nq question: "`` prefix included
 (that is what MEND and EasyEdit feed the model); ``strip_nq_prefix=True`` drops it.
 """
@@ -94,7 +95,9 @@ class _Raw:
         """A string or a list of strings, as a list."""
         value = self.get(*path, default=None if optional else _MISSING)
         if value is None:
-            return []
+            if optional:
+                return []
+            raise self.error("is null; expected a string or a list of strings", *path)
         if isinstance(value, str):
             return [self.check_text(value, *path)]
         if not isinstance(value, list):
