@@ -138,3 +138,11 @@ def test_hparams_that_disagree_with_the_archive_are_refused(random_gpt2, world, 
         RLEditor(model, tok, RLEditHyperParams(**ok, whitening_damping=0.5))
     with pytest.raises(ArchiveError, match=match):
         RLEditor(model, tok, RLEditHyperParams(**{**ok, **change}))
+
+
+def test_two_answers_for_one_prompt_in_a_batch_are_flagged(random_gpt2, world):
+    model, tok = copy.deepcopy(random_gpt2[0]), random_gpt2[1]
+    first = world.train_records[0]
+    other = EditRecord(first.prompt + " ", first.target_new + " Lyon")
+    with pytest.warns(UserWarning, match=r"records 0 and 2 of this batch give the prompt .* two answers"):
+        _editor(model, tok).edit([first, world.train_records[1], other])

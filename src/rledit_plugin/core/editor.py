@@ -16,6 +16,7 @@ already applied (core/memory.py).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -87,10 +88,16 @@ def check_records(records: Sequence[EditRecord]) -> None:
     names the record's index in the batch and the field) before anything is computed."""
     if not records:
         raise ValueError("no records to edit")
+    asked: Dict[str, int] = {}
     for i, r in enumerate(records):
         if not isinstance(r, EditRecord):
             raise RecordError(f"expected an EditRecord, got {type(r).__name__}", index=i)
         r.validate(index=i)
+        j = asked.setdefault(r.prompt.strip(), i)
+        if records[j].target_new.strip() != r.target_new.strip():
+            warnings.warn(f"records {j} and {i} of this batch give the prompt {r.prompt!r} two "
+                          f"answers ({records[j].target_new!r}, {r.target_new!r}): both are written",
+                          stacklevel=3)
 
 
 def build_hypernetwork(model: nn.Module, hparams: RLEditHyperParams) -> HyperNetwork:
