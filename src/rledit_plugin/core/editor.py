@@ -245,13 +245,14 @@ class RLEditor:
         """
         return self._rounds(records, update_norm, exact_undo=False)
 
-    def _rounds(self, records, update_norm: Optional[bool], exact_undo: bool) -> List[Update]:
+    def _rounds(self, records, update_norm: Optional[bool], exact_undo: bool,
+                norm_before: Optional[Dict[str, torch.Tensor]] = None) -> List[Update]:
         check_records(records)
         hp = self.hparams
         batch = edit_batch(self.tok, records, hp.max_length, device=model_device(self.model))
         prefix = (ForwardPrefix(self.model, self.modules, low_rank_head=True)
                   if hp.edit_steps > 1 and hp.reuse_prefix else None)
-        norm_before = norm_state(self.hypernet)
+        norm_before = norm_state(self.hypernet) if norm_before is None else norm_before
         rounds = []
         try:
             for step in range(hp.edit_steps):
@@ -287,8 +288,8 @@ class RLEditor:
 
     def edit(self, records: Sequence[EditRecord]) -> dict:
         """Write ``records`` into the model (lifelong: accumulates, never reverts)."""
-        norm_before = norm_state(self.hypernet) if self.keep_journal else None
-        rounds = self._rounds(records, None, exact_undo=self.keep_journal)
+        norm_before = norm_state(self.hypernet)     # the journal's, and the undo's if a round fails
+        rounds = self._rounds(records, None, exact_undo=self.keep_journal, norm_before=norm_before)
         if self.keep_journal:   # one journal entry per batch: the rounds' factors stacked row-wise
             first = next(iter(self.modules))
             self.journal.append(Update(

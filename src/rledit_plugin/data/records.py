@@ -223,17 +223,14 @@ def answer_targets(labels: torch.Tensor) -> torch.Tensor:
     return shifted[shifted != IGNORE_INDEX]
 
 
-def _record_batch(tok, records: Sequence[EditRecord], field: str, max_length: int, device):
-    """Teacher-forced batch of one (prompt, answer) field pair of ``records``; an error names
-    the record (its index in ``records`` and its uid) and the field."""
-    prompt_field, answer_field = {"target_new": ("prompt", "target_new"),
-                                  "paraphrases": ("paraphrases", "target_new"),
-                                  "locality_prompts": ("locality_prompts", "locality_answers")}[field]
+def _record_batch(tok, records: Sequence[EditRecord], prompt_field: str, answer_field: str,
+                  max_length: int, device):
+    """Teacher-forced batch of one (prompt, answer) field pair of ``records`` (a field holds one
+    string or a list); an error names the record (its index in ``records`` and its uid) and the field."""
     prompts, answers, owners = [], [], []
     for i, r in enumerate(records):
-        ps = getattr(r, prompt_field)
+        ps, ans = getattr(r, prompt_field), getattr(r, answer_field)
         ps = [ps] if isinstance(ps, str) else list(ps)
-        ans = getattr(r, answer_field)
         prompts += ps
         answers += [ans] * len(ps) if isinstance(ans, str) else list(ans)
         owners += [i] * len(ps)
@@ -244,20 +241,20 @@ def _record_batch(tok, records: Sequence[EditRecord], field: str, max_length: in
     except RecordError as e:
         r = records[owners[e.index]]
         uid = f" (uid {r.uid})" if r.uid is not None else ""
-        which = {"prompt": prompt_field, "answer": answer_field}[e.field]
+        which = prompt_field if e.field == "prompt" else answer_field
         raise RecordError(e.message + uid, index=owners[e.index], field=which) from None
 
 
 def edit_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
     """Teacher-forced batch of the edit prompts with their new targets."""
-    return _record_batch(tok, records, "target_new", max_length, device)
+    return _record_batch(tok, records, "prompt", "target_new", max_length, device)
 
 
 def paraphrase_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
     """Every paraphrase of every record, answered with the new target (None if there are none)."""
-    return _record_batch(tok, records, "paraphrases", max_length, device)
+    return _record_batch(tok, records, "paraphrases", "target_new", max_length, device)
 
 
 def locality_batch(tok, records: Sequence[EditRecord], max_length: int = 128, device=None):
     """Every locality prompt with its gold answer (None if there are none)."""
-    return _record_batch(tok, records, "locality_prompts", max_length, device)
+    return _record_batch(tok, records, "locality_prompts", "locality_answers", max_length, device)
