@@ -1,7 +1,7 @@
 """The synthetic world, its dataset files, the tokenizer and the pre-trained tiny LM."""
 import json
 import os
-import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +10,8 @@ from rledit_plugin.data.records import tokenize_teacher_forced
 from rledit_plugin.world import tiny_lm
 from rledit_plugin.world.facts import (NQ_PREFIX, RELATION_BY_NAME, SPLITS, WorldConfig,
                                        build_world, write_world_files)
-from rledit_plugin.world.tiny_lm import (TinyLMConfig, build_tokenizer, fact_accuracy,
-                                         load_or_train_tiny_lm)
+from rledit_plugin.world.tiny_lm import (TinyLMConfig, build_tokenizer, cache_key, fact_accuracy,
+                                         load_or_train_tiny_lm, train_tiny_lm)
 
 from conftest import test_cache_dir
 
@@ -228,14 +228,14 @@ def test_cache_is_written_atomically_and_keyed(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         model, tok, info = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
                                                  config=cfg)
-        assert torch.get_num_threads() == 2      # the caller's setting is restored
+        assert torch.get_num_threads() == 1      # the caller's setting is restored
     finally:
         torch.set_num_threads(before)
-    assert info["threads"] == 1                  # whatever the caller or the load: deterministic
+    assert info["threads"] == cfg.threads == 2   # the config's count, whatever the caller set
     assert not info["cached"] and os.listdir(tmp_path) == [os.path.basename(info["path"])]
     assert set(info["accuracy"]) == set(SPLITS) and info["params"] > 0
     again, tok2, info2 = load_or_train_tiny_lm(world, cache_dir=str(tmp_path), progress=False,
@@ -254,6 +254,27 @@ def test_cache_is_written_atomically_and_keyed(tmp_path, monkeypatch):
                                         config=TinyLMConfig(d_model=16, n_layer=1, n_head=2,
                                                             d_ff=32, epochs=1, seed=1))
     assert info3["path"] != info["path"]
+
+
+def test_pretraining_on_two_threads_is_deterministic_and_threads_are_part_of_the_model():
+    world = build_world(SMALL)
+    tok = build_tokenizer(world)
+    cfg = TinyLMConfig(d_model=32, n_layer=1, n_head=2, d_ff=512, epochs=1)
+    assert cfg.threads == 2 and not cfg.fused_optimizer
+    first, stats = train_tiny_lm(world, tok, config=cfg, progress=False)
+    second, _ = train_tiny_lm(world, tok, config=cfg, progress=False)
+    assert stats["threads"] == 2 and first.config.activation_function == "gelu_new"
+    for (name, p), q in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(p, q), name
+    # the fused activation the benchmark compares with computes the same function
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    from transformers.activations import ACT2FN
+    assert torch.allclose(ACT2FN["gelu_new"](x), ACT2FN["gelu_pytorch_tanh"](x), atol=1e-12)
+    # every setting that changes the arithmetic is a different cache entry
+    keys = {cache_key(world, "gpt2", replace(cfg, **change))
+            for change in ({}, {"threads": 1}, {"gpt2_activation": "gelu_pytorch_tanh"},
+                           {"fused_optimizer": True})}
+    assert len(keys) == 4
 
 
 def test_llama_option_trains_and_loads(tmp_path):

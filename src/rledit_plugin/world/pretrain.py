@@ -1,7 +1,7 @@
 """Pre-training of the tiny LM: the corpus as token lines, length buckets, the loop.
 
 Kept apart from ``tiny_lm`` (config, tokenizer, model, cache), which sets up the
-optimiser and calls :func:`train_loop` inside :func:`one_thread`.
+optimiser and calls :func:`train_loop` inside :func:`fixed_threads`.
 """
 from __future__ import annotations
 
@@ -15,18 +15,20 @@ from .facts import World
 
 
 @contextlib.contextmanager
-def one_thread():
-    """Pre-training always runs on one intra-op thread.
+def fixed_threads(n: int):
+    """Pre-training runs on exactly ``n`` intra-op threads, whatever the caller set.
 
     The thread count changes float reductions, so a model pre-trained on two threads differs
-    from one pre-trained on one (and so do every number measured on it); choosing by machine
-    load made two runs of the same command disagree.  One thread is also the fast choice
-    whenever the cores are shared: small matrices on oversubscribed cores made torch's pool
-    fight the other processes (2-core dev box, load ~5: 52 vs 1423 lines/s with 2 threads vs 1);
-    on an idle 2-core machine it costs ~35% (126 s on two threads, ~170 s on one).
+    from one pre-trained on one (and so does every number measured on it): the count is part
+    of :class:`~.tiny_lm.TinyLMConfig` (and of the cache key), never chosen by machine load,
+    which made two runs of the same command disagree.  Two threads are the default because
+    the product's machine has two cores: on an idle one they take a step 1.5x faster than one
+    thread (bench/bench_pretrain.py) and pre-trained the default tiny LM in 422 s instead of
+    970 s (docs/TUNING.md section 12).  On cores shared with other busy processes, several
+    threads per core can be far slower than one.
     """
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
