@@ -36,6 +36,10 @@ def main():
     ap.add_argument("--keep-locality", action="store_true",
                     help="also keep the train split's locality prompts (other subjects, 'nq question:' "
                          "form) at their true answers, as a ridge penalty over such keys would")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also keep the edited records' OWN locality prompts (the ones specificity is "
+                         "scored on) at their true answers: no editor can know them; this bounds what "
+                         "these weights can hold at all")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch", type=int, default=256)
@@ -54,6 +58,12 @@ def main():
     prompts, answers = [r.prompt for r in keep], [r.target_true for r in keep]
     if args.keep_locality:
         pairs = dict.fromkeys((p, a) for r in keep for p, a in zip(r.locality_prompts, r.locality_answers))
+        prompts += [p for p, _ in pairs]
+        answers += [a for _, a in pairs]
+    if args.oracle:
+        known = set(zip(prompts, answers))
+        pairs = dict.fromkeys((p, a) for r in records for p, a in zip(r.locality_prompts, r.locality_answers)
+                              if (p, a) not in known)
         prompts += [p for p, _ in pairs]
         answers += [a for _, a in pairs]
     kept = tokenize_teacher_forced(tok, prompts, answers, 48)
@@ -75,7 +85,7 @@ def main():
     with torch.no_grad():
         scores = score_records(model, tok, records, reference=reference)
     row = {"modules": args.modules, "edits": len(records), "keep": len(prompts),
-           "keep_locality": args.keep_locality, "steps": args.steps,
+           "keep_locality": args.keep_locality, "oracle": args.oracle, "steps": args.steps,
            "lr": args.lr, "seconds": round(time.perf_counter() - start, 1),
            **{k: scores[k] for k in KEYS}}
     print(json.dumps(row))

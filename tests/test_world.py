@@ -345,3 +345,51 @@ def test_a_local_model_directory_loads_in_the_asked_dtype_with_the_current_keywo
     new_keyword = Version(transformers.__version__) >= Version("4.56")
     assert seen == [["dtype"] if new_keyword else ["torch_dtype"]]
     torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
+
+
+def test_lr_schedule_cosine_and_warmup_stable_decay():
+    import math
+    from rledit_plugin.world.pretrain import LRSchedule
+    cos = LRSchedule("cosine", warmup_steps=10, total_steps=100)
+    assert [cos(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    for s in (10, 37, 50, 99, 100, 150):
+        assert cos(s) == pytest.approx(0.5 * (1 + math.cos(math.pi * min(1.0, s / 100))))
+    wsd = LRSchedule("wsd", warmup_steps=10, total_steps=100)
+    assert wsd(5) == 0.6 and wsd(10) == wsd(500) == 1.0        # stable until told to decay
+    wsd.decay(start=300, steps=40)
+    assert wsd(300) == 1.0 and wsd(320) == pytest.approx(0.5) and wsd(340) == pytest.approx(0.0)
+    assert wsd(310) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(ValueError, match="schedule"):
+        LRSchedule("linear", 10, 100)
+
+
+@pytest.mark.parametrize("decay_accuracy, epochs, decay_epochs, decay_after, run", [
+    (0.0, 6, 2, 1, 3),     # reached after the first epoch: two decay epochs follow, then stop
+    (1.01, 5, 2, 3, 5),    # never reached: the decay takes the last two of the five epochs
+    (1.01, 2, 3, 1, 2),    # fewer epochs than the decay asks for: it gets what is left
+])
+def test_wsd_pretraining_decays_once_the_facts_take(decay_accuracy, epochs, decay_epochs,
+                                                    decay_after, run):
+    world = build_world(SMALL)
+    tok = build_tokenizer(world)
+    cfg = TinyLMConfig(d_model=16, n_layer=1, n_head=2, d_ff=32, epochs=epochs, schedule="wsd",
+                       decay_accuracy=decay_accuracy, decay_epochs=decay_epochs, warmup_steps=2)
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):   # the step size each optimiser step actually used
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", step)
+        _, stats = train_tiny_lm(world, tok, config=cfg, progress=False)
+    history = stats["history"]
+    assert stats["epochs"] == len(history) == run
+    assert [h["epoch"] for h in history if h.get("decay_from_here")] == [decay_after]
+    per_epoch = stats["steps"] // run
+    stable = seen[cfg.warmup_steps:decay_after * per_epoch]
+    assert stable and all(lr == cfg.lr for lr in stable)
+    decay = seen[decay_after * per_epoch:]
+    assert decay[0] == pytest.approx(cfg.lr) and all(a >= b for a, b in zip(decay, decay[1:]))
+    assert decay[-1] < 0.05 * cfg.lr

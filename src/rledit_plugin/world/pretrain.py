@@ -6,8 +6,9 @@ optimiser and calls :func:`train_loop` inside :func:`fixed_threads`.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -82,13 +83,48 @@ def length_buckets(lines, batch_size: int, gen: torch.Generator) -> List[List[in
     return [batches[j] for j in order]
 
 
-def train_loop(model, lines, cfg, optim, sched, gen, total_steps, desc, progress):
+class LRSchedule:
+    """Multiplier of the base step at each optimiser step (a ``LambdaLR`` function).
+
+    Linear warm-up over ``warmup_steps``, then ``"cosine"``: a cosine to 0 at ``total_steps``;
+    or ``"wsd"``: constant until :meth:`decay` is called, then a cosine to 0 over the steps
+    it is given.  The loop decides when to decay from what the model has learnt so far.
+    """
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int):
+        if kind not in ("cosine", "wsd"):
+            raise ValueError(f"TinyLMConfig.schedule must be 'cosine' or 'wsd', got {kind!r}")
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+        self.decay_start: Optional[int] = None
+        self.decay_steps = 0
+
+    def decay(self, start: int, steps: int) -> None:
+        self.decay_start, self.decay_steps = start, steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, step / self.total_steps)))
+        if self.decay_start is None:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.decay_start) / self.decay_steps)))
+
+
+def train_loop(model, lines, cfg, optim, sched, schedule: LRSchedule, gen, steps_per_epoch: int,
+               desc, progress):
+    """``cfg.epochs`` epochs at most; with the "wsd" schedule the last ``cfg.decay_epochs`` of
+    them follow the first epoch that answered ``cfg.decay_accuracy`` of its answers right."""
     from tqdm.auto import tqdm
 
     body, head = model.base_model, model.get_output_embeddings()
     start, cpu_start, step, history = time.time(), time.process_time(), 0, []
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, unit="step", leave=False)
+    end_epoch = cfg.epochs
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=desc, disable=not progress, unit="step",
+               leave=False)
     for epoch in range(cfg.epochs):
+        if epoch == end_epoch:
+            break
         correct = answered = 0
         loss_sum, n_tokens = 0.0, 0
         for idx in length_buckets(lines, cfg.batch_size, gen):
@@ -122,6 +158,13 @@ def train_loop(model, lines, cfg, optim, sched, gen, total_steps, desc, progress
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n_tokens:.3f}", acc=f"{epoch_acc:.3f}")
         if cfg.stop_accuracy is not None and epoch_acc >= cfg.stop_accuracy:
             break
+        left = cfg.epochs - (epoch + 1)
+        if schedule.kind == "wsd" and schedule.decay_start is None and left > 0 and (
+                epoch_acc >= cfg.decay_accuracy or left <= cfg.decay_epochs):
+            decay_epochs = min(cfg.decay_epochs, left)
+            schedule.decay(step, decay_epochs * steps_per_epoch)
+            end_epoch = epoch + 1 + decay_epochs
+            history[-1]["decay_from_here"] = True
     bar.close()
     return {"seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu_start,
             "epochs": len(history), "steps": step, "history": history}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ import torch
 
 from ..data.records import IGNORE_INDEX, EditRecord, tokenize_teacher_forced
 from .facts import SPLITS, World, build_world
-from .pretrain import encode_corpus, fixed_threads, length_buckets, train_loop
+from .pretrain import LRSchedule, encode_corpus, fixed_threads, length_buckets, train_loop
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -45,7 +44,8 @@ class TinyLMConfig:
     dimensions, the less each edit leaks into other prompts (docs/TUNING.md
     sections 5 and 7: at the end of the 2,000-edit demo stream d_ff 384 kept
     0.28 efficacy, 1536 0.58, 3072 0.78, before the edit memory).  The wider
-    MLP learns more slowly, hence the smaller step and two more epochs.
+    MLP learns more slowly, hence the smaller step and the longer schedule, which
+    decays only once the facts have taken (``schedule``; docs/TUNING.md section 13).
     """
     d_model: int = 192
     n_layer: int = 1
@@ -54,7 +54,7 @@ class TinyLMConfig:
     max_positions: int = 64
     tie_embeddings: bool = False
     seed: int = 0
-    epochs: int = 12
+    epochs: int = 16               # at most; "wsd" stops after its decay epochs
     batch_size: int = 32
     lr: float = 3.5e-3
     weight_decay: float = 0.01
@@ -64,6 +64,15 @@ class TinyLMConfig:
     # Stop early once a whole epoch answered this fraction of the answer tokens
     # right (teacher-forced, measured for free on the training batches).
     stop_accuracy: Optional[float] = None
+    # The step after the warm-up.  "cosine": decays to 0 over all `epochs`.  "wsd" (warm-up,
+    # stable, decay): constant until an epoch answers `decay_accuracy` of its answer tokens
+    # right (or until only `decay_epochs` of the `epochs` are left), then a cosine to 0 over
+    # `decay_epochs` epochs.  The facts are learnt in a rise after a plateau whose
+    # length moves with rounding (another CPU, another seed); a fixed cosine leaves a late
+    # riser too little step to finish (pretrain.LRSchedule).
+    schedule: str = "wsd"
+    decay_accuracy: float = 0.9
+    decay_epochs: int = 3
     # Intra-op threads of the pre-training: a fixed number, so the same command gives the same
     # model on a busy or an idle machine (see pretrain.fixed_threads).
     threads: int = 2
@@ -82,8 +91,8 @@ class TinyLMConfig:
         ``quick``: the GPT-2 of ``rledit demo --quick`` (the small world) keeps the previous
         default's narrower MLP (d_ff 1536), which pre-trains in about half the time."""
         if arch == "llama":
-            return cls(lr=1e-2, d_ff=384, epochs=10)
-        return cls(d_ff=1536, lr=5e-3, epochs=10) if quick else cls()
+            return cls(lr=1e-2, d_ff=384, epochs=10, schedule="cosine")
+        return cls(d_ff=1536, lr=5e-3, epochs=10, schedule="cosine") if quick else cls()
 
 
 def default_cache_dir() -> str:
@@ -221,15 +230,11 @@ def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLM
                                 "lr": cfg.lr * cfg.embed_lr_mult}],
                               lr=cfg.lr, betas=(0.9, 0.98), fused=cfg.fused_optimizer)
 
-    def lr_at(step):   # linear warm-up, cosine decay over the longest schedule
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    schedule = LRSchedule(cfg.schedule, cfg.warmup_steps, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
     threads = f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''}"
     with fixed_threads(cfg.threads):
-        stats = train_loop(model, lines, cfg, optim, sched, gen, total_steps,
+        stats = train_loop(model, lines, cfg, optim, sched, schedule, gen, steps_per_epoch,
                            f"pre-training tiny {arch} ({threads})", progress)
     model.eval()
     return model, dict(stats, threads=cfg.threads)
