@@ -191,7 +191,7 @@ def test_pretrained_tiny_lm_knows_its_facts(tiny_lm_pretrained, world):
     model, tok, info = tiny_lm_pretrained
     for split in SPLITS:
         acc = fact_accuracy(model, tok, world.records(split))
-        assert acc >= 0.95, (split, acc)
+        assert acc >= 0.97, (split, acc)     # 97.5-99.0% in the two wsd draws measured
         assert abs(acc - info["accuracy"][split]) < 1e-6   # what the cache entry claims
     assert model.config._name_or_path == info["path"]
     assert os.path.basename(info["path"]).startswith("tiny-gpt2-")
