@@ -24,9 +24,9 @@ def fixed_threads(n: int):
     of :class:`~.tiny_lm.TinyLMConfig` (and of the cache key), never chosen by machine load,
     which made two runs of the same command disagree.  Two threads are the default because
     the product's machine has two cores: on an idle one they take a step 1.5x faster than one
-    thread (bench/bench_pretrain.py) and pre-trained the default tiny LM in 422 s instead of
-    970 s (docs/TUNING.md section 12).  On cores shared with other busy processes, several
-    threads per core can be far slower than one.
+    thread (bench/bench_pretrain.py) and pre-trained section 12's default tiny LM in 422 s
+    instead of 970 s (docs/TUNING.md section 12).  On cores shared with other busy processes,
+    several threads per core can be far slower than one.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(n)
