@@ -288,3 +288,46 @@ def test_baseline_yamls_name_the_models_output_head(pristine):
         hp = eb.load_hparams(alg, str(compare.default_hparams_path(alg)))
         assert model.get_submodule(hp.lm_head_module) is model.get_output_embeddings(), alg
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("alg", ["MEMIT", "ROME"])
+def test_never_active_units_do_not_make_memit_or_rome_singular(pristine, world, tmp_path,
+                                                                 monkeypatch, alg):
+    """Dead GELU units (zero on every token) make the key second moment singular: EasyEdit's
+    solve/inverse fail on it as written; with the floor the edit runs, the live block of the
+    statistics is the plain sum, and the dead rows of the weight get no update."""
+    from rledit_plugin.hosts import easyedit_baselines as eb
+    from rledit_plugin.hosts import easyedit_memit_stats as ms
+    model, tok = fresh(pristine)()
+    hp = eb.load_hparams(alg, str(compare.default_hparams_path(alg)))
+    hp.mom2_n_samples = 50
+    mlp = model.transformer.h[hp.layers[0]].mlp
+    dead = [3, 17]
+    with torch.no_grad():                   # GPT-2 Conv1D: c_fc.weight is [d_model, d_ff]
+        mlp.c_fc.weight[:, dead] = 0
+        mlp.c_fc.bias[dead] = -100.0        # gelu_new(-100) is exactly 0
+    layer = hp.rewrite_module_tmp.format(hp.layers[0])
+    weight = model.get_submodule(layer).weight
+    texts = world.corpus[:80]
+    records = world.eval_records[:2]
+
+    def edit(stats_dir):
+        hp.stats_dir = str(stats_dir)
+        files = eb.write_stats(model, tok, hp, texts)
+        before = weight.detach().clone()
+        eb.EasyEditBaseline(alg, model, tok, hp, log=str(tmp_path / f"{alg}.log")).edit(records)
+        return files, weight.detach() - before
+
+    with monkeypatch.context() as m:        # EasyEdit's own statistics: the solve fails
+        m.setattr(ms, "floor_dead_units", lambda total: (total, []))
+        with pytest.raises(Exception, match="singular"):
+            edit(tmp_path / "plain")
+    files, delta = edit(tmp_path / "floored")
+    assert ms.LAST_DEAD_UNITS[str(files[0])] == len(dead)
+    saved = torch.tensor(__import__("numpy").load(files[0])["mom2.mom2"]).double()
+    plain, _ = ms.second_moment(model, tok, layer, texts[:hp.mom2_n_samples], "float64")
+    live = [i for i in range(saved.shape[0]) if i not in dead]
+    assert bool((saved.diagonal() > 0).all())
+    torch.testing.assert_close(saved[live][:, live], plain[live][:, live], rtol=1e-5, atol=1e-4)
+    assert saved[dead][:, live].abs().max() == 0
+    assert delta.abs().sum() > 0 and delta[dead].abs().max() == 0

@@ -126,7 +126,7 @@ class Comparison:
         if alg == RLEDIT:
             return self._setup_rledit(model, tok)
         from .hosts import easyedit_baselines as eb
-        from .hosts.easyedit_memit_stats import write_stats
+        from .hosts.easyedit_memit_stats import LAST_DEAD_UNITS, write_stats
         hp = eb.load_hparams(alg, self.hparams_path(alg))
         info: Dict[str, Any] = {"hparams_file": self.hparams_path(alg)}
         if alg in ("MEMIT", "ROME"):
@@ -136,7 +136,8 @@ class Comparison:
             t0 = time.perf_counter()
             files = write_stats(model, tok, hp, self.corpus, overwrite=not self.reuse_stats)
             info.update(stats_files=[str(f) for f in files], stats_texts=min(len(self.corpus),
-                        hp.mom2_n_samples), stats_seconds=time.perf_counter() - t0)
+                        hp.mom2_n_samples), stats_seconds=time.perf_counter() - t0,
+                        stats_dead_units={str(f): LAST_DEAD_UNITS.get(str(f)) for f in files})
         if alg == "MEND":
             info.update(self._setup_mend(hp, model, tok))
         editor = eb.EasyEditBaseline(alg, model, tok, hp, log=self.log(alg))

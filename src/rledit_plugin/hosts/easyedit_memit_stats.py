@@ -7,6 +7,14 @@ written where EasyEdit's ``layer_stats`` looks,
 ``stats_dir``).  While a baseline edits, :func:`offline_stats` replaces
 ``layer_stats``' ``load_dataset`` by a function that refuses, so a missing file
 is an error and never a hub download.
+
+A unit whose input is exactly zero on every token of the text (a dead GELU
+unit: the wsd tiny LM has four in its 3,072) makes that second moment
+singular, and EasyEdit's unregularised ``torch.inverse`` (ROME) and
+``linalg.solve`` (MEMIT) then fail.  :func:`floor_dead_units` puts a typical
+diagonal value on those rows only; their keys are zero too, so the solution on
+every live unit is unchanged and the dead rows get no update (the minimum-norm
+answer).  A model without dead units gets exactly EasyEdit's statistics.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import contextlib
 import importlib
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from .easyedit import import_easyeditor
 from .easyedit_compat import patched
@@ -41,6 +49,10 @@ def stats_path(stats_dir: str, model_name: str, ds_name: str, layer_name: str, d
     suffix = "" if n_samples is None else f"_{n_samples}"
     return (Path(stats_dir) / model_name.replace("/", "_") / f"{ds_name}_stats"
             / f"{layer_name}_{dtype}_mom2{suffix}.npz")
+
+
+# file -> number of never-active units floored when it was last written (compare reports it)
+LAST_DEAD_UNITS: Dict[str, int] = {}
 
 
 def second_moment(model, tok, layer_name: str, texts: Sequence[str], dtype: str = "float32",
@@ -70,6 +82,21 @@ def second_moment(model, tok, layer_name: str, texts: Sequence[str], dtype: str 
     return total, count
 
 
+def floor_dead_units(total):
+    """``(total, dead)``: ``total`` with the median positive diagonal entry on every all-zero
+    row/column (units never active on the text), and the indices of those units."""
+    import torch
+    diag = total.diagonal()
+    dead = torch.nonzero(diag == 0).flatten()
+    if dead.numel() == 0 or dead.numel() == diag.numel():
+        return total, dead.tolist()
+    if bool(total[dead].any()):       # a zero diagonal with a non-zero row cannot be a moment
+        raise ValueError("second moment has a zero diagonal entry on a non-zero row")
+    total = total.clone()
+    total[dead, dead] = diag[diag > 0].median()
+    return total, dead.tolist()
+
+
 def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = False) -> List[Path]:
     """Write MEMIT/ROME's statistics for every edited layer from ``texts``; returns the files.
 
@@ -77,7 +104,8 @@ def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = Fal
     that number as ``sample_size`` because EasyEdit checks it against the YAML.
     The sums are EasyEdit's ``SecondMoment`` state, saved by its own
     ``save_cached_state`` (keys ``mom2.constructor``, ``mom2.count``,
-    ``mom2.mom2``, ``sample_size``).
+    ``mom2.mom2``, ``sample_size``), with never-active units floored
+    (:func:`floor_dead_units`; counted in :data:`LAST_DEAD_UNITS` per file).
     """
     import_easyeditor()
     rs = importlib.import_module("easyeditor.util.runningstats")
@@ -94,6 +122,8 @@ def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = Fal
             written.append(path)
             continue
         total, count = second_moment(model, tok, layer_name, list(texts)[:n], hparams.mom2_dtype)
+        total, dead = floor_dead_units(total)
+        LAST_DEAD_UNITS[str(path)] = len(dead)
         stat = rs.CombinedStat(mom2=rs.SecondMoment())
         stat.mom2.mom2, stat.mom2.count = total.cpu(), count
         path.parent.mkdir(parents=True, exist_ok=True)
