@@ -23,6 +23,8 @@ def main():
     ap.add_argument("--hparams", default="hparams/RLEdit/tiny.yaml")
     ap.add_argument("--archive", default="runs/demo/archive")
     ap.add_argument("--show", type=int, default=25)
+    ap.add_argument("--every-batch-from", dest="every_from", type=int, default=0,
+                    help="also report after every batch from this one on (0: only the fixed points)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     hp = RLEditHyperParams.from_hparams(args.hparams)
@@ -36,7 +38,7 @@ def main():
     with torch.no_grad():
         for t in range(100):
             editor.edit(records[t * 20:(t + 1) * 20])
-            if t + 1 in (5, 10, 25, 50, 100):
+            if t + 1 in (5, 10, 25, 50, 100) or (args.every_from and t + 1 >= args.every_from):
                 after = predicted_tokens(model, tok, prompts, answers)
                 agree = sum(a == b for a, b in zip(before, after)) / len(prompts)
                 print(f"{(t + 1) * 20} edits: {agree:.3f} of {len(prompts)} locality prompts unchanged",

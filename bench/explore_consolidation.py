@@ -13,7 +13,13 @@ key, the least change elsewhere.  This runs the demo's stream with the demo's ar
 ``--every`` batches, replaces the accumulated change by dW* (``--every 0``: once, at the end),
 then scores the stream with the harness (end of stream).
 
-    .venv/bin/python bench/explore_consolidation.py --every 0 --every 10 ...
+    .venv/bin/python bench/explore_consolidation.py --every 0 --every 10
+
+Result (bench/results/explore_consolidation.json): a no-op.  dW* has the same norm as the
+accumulated change at every point (670.9 at 2,000 edits) and the scores are identical to the
+digit.  With the edit memory every batch's update lies in span(A_0^-1 K) of all keys so far, so
+their sum already IS the least change in the A_0 metric that gives its outputs at the edit keys:
+what is left to choose is those outputs (the value changes D) and the metric A_0 itself.
 """
 from __future__ import annotations
 

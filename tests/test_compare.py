@@ -331,3 +331,32 @@ def test_never_active_units_do_not_make_memit_or_rome_singular(pristine, world, 
     torch.testing.assert_close(saved[live][:, live], plain[live][:, live], rtol=1e-5, atol=1e-4)
     assert saved[dead][:, live].abs().max() == 0
     assert delta.abs().sum() > 0 and delta[dead].abs().max() == 0
+
+
+def test_statistics_damping_is_stored_apart_and_read_back(pristine, world, tmp_path):
+    """``damping`` adds that share of the mean diagonal to EasyEdit's moment, under its own
+    dataset name (so an undamped file never stands in for it), and layer_stats reads it back."""
+    from rledit_plugin.hosts import easyedit_baselines as eb
+    from rledit_plugin.hosts import easyedit_memit_stats as ms
+    model, tok = fresh(pristine)()
+    hp = eb.load_hparams("MEMIT", str(compare.default_hparams_path("MEMIT")))
+    hp.stats_dir, hp.mom2_n_samples = str(tmp_path), 40
+    texts = world.corpus[:40]
+    plain_file, = eb.write_stats(model, tok, hp, texts)
+    base = hp.mom2_dataset
+    damped_file, = eb.write_stats(model, tok, hp, texts, damping=1e-3)
+    assert hp.mom2_dataset == f"{base}_damp0.001" and damped_file != plain_file
+    eb.write_stats(model, tok, hp, texts, damping=1e-3)          # idempotent name
+    assert hp.mom2_dataset == f"{base}_damp0.001"
+    layer = hp.rewrite_module_tmp.format(hp.layers[0])
+    total, count = ms.second_moment(model, tok, layer, texts, "float64")
+    moment = total / count
+    expected = moment + 1e-3 * moment.diagonal().mean() * torch.eye(moment.shape[0], dtype=moment.dtype)
+    layer_stats = importlib.import_module("easyeditor.models.rome.layer_stats")
+    with eb.offline_stats():
+        stat = layer_stats.layer_stats(model, tok, layer, hp.stats_dir, hp.mom2_dataset,
+                                       to_collect=["mom2"], sample_size=40,
+                                       precision=hp.mom2_dtype, hparams=hp)
+    torch.testing.assert_close(stat.mom2.moment().double(), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="damping"):
+        ms.damp_moment(total, -1.0)

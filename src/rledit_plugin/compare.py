@@ -101,7 +101,7 @@ class Comparison:
                  corpus: Optional[Sequence[str]] = None, train_records=None, val_records=None,
                  rledit_archive: Optional[str] = None, mend_archive: Optional[str] = None,
                  mend_overrides: Optional[Dict[str, Any]] = None, stats_dir: Optional[str] = None,
-                 reuse_stats: bool = False):
+                 reuse_stats: bool = False, stats_damping: float = 1e-4):
         self.work_dir = Path(work_dir).resolve()
         self.hparams = {hparams_key_name(k): str(v) for k, v in (hparams or {}).items()}
         self.hparams_key, self.model_dir = hparams_key, model_dir
@@ -111,6 +111,7 @@ class Comparison:
         self.stats_dir = stats_dir or str(self.work_dir / "stats")
         # recomputed per method by default, so each method's set-up time is its own
         self.reuse_stats = reuse_stats
+        self.stats_damping = stats_damping     # MEMIT/ROME: hosts/easyedit_memit_stats.py
 
     def hparams_path(self, alg: str, training: bool = False) -> str:
         key = f"TRAINING/{alg}" if training else alg
@@ -134,10 +135,12 @@ class Comparison:
             if not self.corpus:
                 raise ValueError(f"{alg} needs local text for its statistics (--corpus FILE)")
             t0 = time.perf_counter()
-            files = write_stats(model, tok, hp, self.corpus, overwrite=not self.reuse_stats)
+            files = write_stats(model, tok, hp, self.corpus, overwrite=not self.reuse_stats,
+                                damping=self.stats_damping)
             info.update(stats_files=[str(f) for f in files], stats_texts=min(len(self.corpus),
                         hp.mom2_n_samples), stats_seconds=time.perf_counter() - t0,
-                        stats_dead_units={str(f): LAST_DEAD_UNITS.get(str(f)) for f in files})
+                        stats_dead_units={str(f): LAST_DEAD_UNITS.get(str(f)) for f in files},
+                        stats_damping=self.stats_damping)
         if alg == "MEND":
             info.update(self._setup_mend(hp, model, tok))
         editor = eb.EasyEditBaseline(alg, model, tok, hp, log=self.log(alg))

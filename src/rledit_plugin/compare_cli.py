@@ -78,7 +78,7 @@ def cmd_compare(args) -> int:
         (world.val_records if world else None),
         rledit_archive=args.rledit_archive, mend_archive=args.mend_archive,
         mend_overrides={"max_iters": args.mend_iters} if args.mend_iters else None,
-        stats_dir=args.stats_dir, reuse_stats=args.reuse_stats)
+        stats_dir=args.stats_dir, reuse_stats=args.reuse_stats, stats_damping=args.stats_damping)
     heldout = _read_lines(args.heldout) if args.heldout else (world.heldout_corpus if world else None)
     rest = sys.argv[1:]
     rest = rest[1:] if rest[:1] == ["compare"] else rest      # `rledit compare` or `python -m`
@@ -129,6 +129,9 @@ def add_compare_parser(subparsers) -> None:
     c.add_argument("--corpus", help="text file, one text per line, for MEMIT/ROME statistics "
                                     "(default: the embedded world's corpus)")
     c.add_argument("--stats-dir", dest="stats_dir", help="statistics directory (default OUT/stats)")
+    c.add_argument("--stats-damping", dest="stats_damping", type=float, default=1e-4,
+                   help="MEMIT/ROME: add this times the mean diagonal to the key second moment "
+                        "(default 1e-4; 0: EasyEdit's statistics, with never-active units floored)")
     c.add_argument("--reuse-stats", dest="reuse_stats", action="store_true",
                    help="reuse MEMIT/ROME statistics files already there (set-up time then "
                         "excludes computing them)")

@@ -15,6 +15,13 @@ singular, and EasyEdit's unregularised ``torch.inverse`` (ROME) and
 diagonal value on those rows only; their keys are zero too, so the solution on
 every live unit is unchanged and the dead rows get no update (the minimum-norm
 answer).  A model without dead units gets exactly EasyEdit's statistics.
+
+Units that are *almost* never active are the other half of the same problem: a
+diagonal entry of 1e-16 of the mean makes ``C^-1 k`` point along that unit, and
+the edit goes where no key reads it.  ``damping > 0`` adds ``damping * tr(C)/d``
+to the whole diagonal (the form RLEdit's key whitening uses); the file then
+lands under ``{mom2_dataset}_damp{damping}``, so statistics of different
+damping never stand in for each other.
 """
 from __future__ import annotations
 
@@ -97,7 +104,26 @@ def floor_dead_units(total):
     return total, dead.tolist()
 
 
-def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = False) -> List[Path]:
+def damp_moment(total, damping: float):
+    """``total + damping * tr(total)/d * I``: the moment ``total / count`` gets ``damping``
+    times its own mean diagonal."""
+    if damping < 0:
+        raise ValueError(f"statistics damping must be >= 0, got {damping}")
+    if damping == 0:
+        return total
+    total = total.clone()
+    total.diagonal().add_(damping * float(total.diagonal().sum()) / total.shape[0])
+    return total
+
+
+def damped_dataset_name(ds_name: str, damping: float) -> str:
+    """The ``mom2_dataset`` under which statistics of this damping are stored."""
+    suffix = f"_damp{damping:g}"
+    return ds_name if not damping or ds_name.endswith(suffix) else ds_name + suffix
+
+
+def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = False,
+                damping: float = 0.0) -> List[Path]:
     """Write MEMIT/ROME's statistics for every edited layer from ``texts``; returns the files.
 
     ``hparams.mom2_n_samples`` texts are used (all when fewer); the file stores
@@ -105,7 +131,9 @@ def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = Fal
     The sums are EasyEdit's ``SecondMoment`` state, saved by its own
     ``save_cached_state`` (keys ``mom2.constructor``, ``mom2.count``,
     ``mom2.mom2``, ``sample_size``), with never-active units floored
-    (:func:`floor_dead_units`; counted in :data:`LAST_DEAD_UNITS` per file).
+    (:func:`floor_dead_units`; counted in :data:`LAST_DEAD_UNITS` per file) and
+    ``damping`` added (:func:`damp_moment`; ``hparams.mom2_dataset`` is renamed to
+    :func:`damped_dataset_name`, where EasyEdit then reads it).
     """
     import_easyeditor()
     rs = importlib.import_module("easyeditor.util.runningstats")
@@ -113,6 +141,7 @@ def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = Fal
         raise ValueError("MEMIT/ROME statistics need local text; none was given")
     name = model_label(model)
     n = hparams.mom2_n_samples
+    hparams.mom2_dataset = damped_dataset_name(hparams.mom2_dataset, damping)
     written = []
     for layer in hparams.layers:
         layer_name = hparams.rewrite_module_tmp.format(layer)
@@ -123,6 +152,7 @@ def write_stats(model, tok, hparams, texts: Sequence[str], overwrite: bool = Fal
             continue
         total, count = second_moment(model, tok, layer_name, list(texts)[:n], hparams.mom2_dtype)
         total, dead = floor_dead_units(total)
+        total = damp_moment(total, damping)
         LAST_DEAD_UNITS[str(path)] = len(dead)
         stat = rs.CombinedStat(mom2=rs.SecondMoment())
         stat.mom2.mom2, stat.mom2.count = total.cpu(), count
