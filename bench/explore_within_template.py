@@ -8,7 +8,6 @@ edits like bench/sweep_rledit.py.
 
     .venv/bin/python bench/explore_within_template.py BETA ['key=value,...']
 """
-import json
 import os
 import sys
 
@@ -16,19 +15,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep_rledit as sw  # noqa: E402
-from rledit_plugin.core import editor as editor_mod, whitening as wh
+from rledit_plugin.core import whitening as wh
 from rledit_plugin.data.records import batch_ids, pad_right
-from rledit_plugin.world import WorldConfig, build_world
 
 
 @torch.no_grad()
 def within_record_covariance(model, tok, modules, records):
     """W: mean over keys of (k - mean of its record's keys)(...)^T, answer positions only."""
-    sums, count, grabbed = {n: 0 for n in modules}, 0, {}
-    hooks = [m.register_forward_hook(lambda _m, inp, _o, n=n: grabbed.__setitem__(n, inp[0]))
-             for n, m in modules.items()]
+    sums, count = {n: 0 for n in modules}, 0
     model.eval()
-    try:
+    with sw.grabbed_inputs(modules) as grabbed:
         for i in range(0, len(records), 32):
             chunk = records[i:i + 32]
             texts = [t for r in chunk for t in [r.prompt] + list(r.paraphrases)]
@@ -42,17 +38,11 @@ def within_record_covariance(model, tok, modules, records):
                     centred = group - group.mean(0, keepdim=True)
                     sums[n] = sums[n] + centred.T @ centred
             count += len(texts)
-    finally:
-        for h in hooks:
-            h.remove()
     return {n: s / count for n, s in sums.items()}
 
 
 def main():
-    beta = float(sys.argv[1])
-    extra = sys.argv[2] if len(sys.argv) > 2 else ""
-    torch.set_num_threads(1)
-    world = build_world(WorldConfig())
+    beta, extra, world = sw.exploration_args(sys.argv)
 
     def whitening_with_template_penalty(model, tok, modules, texts, damping, max_length=128,
                                         progress=False):
@@ -62,14 +52,7 @@ def main():
                                        damping)
                 for n, m in moments.items()}
 
-    editor_mod.compute_whitening = whitening_with_template_penalty
-    rows = sw.run_one("hparams/TRAINING/RLEdit/tiny.yaml", sw.parse_overrides(extra), world,
-                      [10, 100], 20, "eval")
-    for r in rows:
-        r["beta"] = beta
-        print(json.dumps(r), flush=True)
-        print(f"beta {beta} {extra} edits {r['turns'] * 20}: {r['efficacy']:.3f} / "
-              f"{r['generalization']:.3f} / {r['specificity_vs_unedited']:.3f}", flush=True)
+    sw.run_with_statistics(whitening_with_template_penalty, extra, world, {"beta": beta}, f"beta {beta}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import json
 import time
@@ -74,6 +75,41 @@ def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: st
                      **{k: result["post"].get(k) for k in KEYS},
                      "pre_perplexity": result["pre"].get("perplexity"),
                      "val_history": [h.get("val", {}).get("score") for h in history]})
+    return rows
+
+
+def exploration_args(argv):
+    """``(beta, extra overrides, world)`` of the statistics explorations' ``BETA ['k=v,...']``
+    command line, on one torch thread."""
+    torch.set_num_threads(1)
+    return float(argv[1]), (argv[2] if len(argv) > 2 else ""), build_world(WorldConfig())
+
+
+@contextlib.contextmanager
+def grabbed_inputs(modules):
+    """``{name: the last input of modules[name]}``, filled by forward hooks while open."""
+    grabbed = {}
+    hooks = [m.register_forward_hook(lambda _m, inp, _o, n=n: grabbed.__setitem__(n, inp[0]))
+             for n, m in modules.items()]
+    try:
+        yield grabbed
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def run_with_statistics(whitening_fn, extra: str, world, tag: dict, label: str) -> list:
+    """An exploration of key whitening's statistics: ``whitening_fn`` replaces
+    ``compute_whitening`` (same signature), then train with the default YAML (+ ``extra``
+    overrides) and score 200 and 2,000 edits; rows printed, tagged with ``tag``."""
+    from rledit_plugin.core import editor as editor_mod
+    editor_mod.compute_whitening = whitening_fn
+    rows = run_one("hparams/TRAINING/RLEdit/tiny.yaml", parse_overrides(extra), world, [10, 100], 20, "eval")
+    for r in rows:
+        r.update(tag)
+        print(json.dumps(r), flush=True)
+        print(f"{label} {extra} edits {r['turns'] * 20}: {r['efficacy']:.3f} / "
+              f"{r['generalization']:.3f} / {r['specificity_vs_unedited']:.3f}", flush=True)
     return rows
 
 
