@@ -20,7 +20,7 @@ import torch
 
 from rledit_plugin.core.editor import RLEditor
 from rledit_plugin.core.trainer import train_hypernetwork
-from rledit_plugin.core.whitening import record_texts, statistics_texts
+from rledit_plugin.core.whitening import record_texts, statistics_pairs, statistics_texts
 from rledit_plugin.evaluation import run_stream
 from rledit_plugin.hparams import RLEditTrainingHyperParams
 from rledit_plugin.models import load_model_and_tokenizer
@@ -47,6 +47,7 @@ def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: st
     """Train once (unless n_trajectories=0), then one scored stream per entry of ``turns_list``."""
     texts = (statistics_texts(world.train_records, world.corpus) if stats == "corpus+records"
              else record_texts(world.train_records))
+    pairs = statistics_pairs(world.train_records, world.fact_pairs if stats == "corpus+records" else ())
     hp = RLEditTrainingHyperParams.from_hparams(base)
     if model_name:
         hp.model_name = model_name
@@ -59,13 +60,14 @@ def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: st
     net, history = None, []
     if hp.n_trajectories > 0:
         net, history = train_hypernetwork(model, tok, hp, world.train_records, world.val_records,
-                                          progress=False, save=False, whitening_texts=texts)
+                                          progress=False, save=False, whitening_texts=texts,
+                                          whitening_pairs=pairs)
     train_s = time.perf_counter() - start
     records = world.val_records if split == "val" else world.eval_records
     rows = []
     for turns in turns_list:
         editor = RLEditor(model, tok, hp.editing(), hypernet=copy.deepcopy(net) if net else None,
-                          keep_journal=False, whitening_texts=texts)
+                          keep_journal=False, whitening_texts=texts, whitening_pairs=pairs)
         result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
                             heldout_texts=world.heldout_corpus[:200], progress=False)
         editor.restore()

@@ -140,3 +140,57 @@ def test_statistics_texts_and_the_trainer_measures_the_keys_on_the_texts_it_is_g
     torch.testing.assert_close(net.whitening(MODULES[0]), want, rtol=0, atol=0)
     net, _ = train_hypernetwork(copy.deepcopy(model), tok, hp, records, progress=False, save=False)
     torch.testing.assert_close(net.whitening(MODULES[0]), plain, rtol=0, atol=0)
+
+
+def test_answer_moment_equals_brute_force_at_the_positions_that_predict_the_answer(random_gpt2, world):
+    """Each pair run alone (no padding): the key at every position whose next token is an
+    answer token, and nowhere else."""
+    from rledit_plugin.core.whitening import answer_second_moments, record_answer_pairs
+    from rledit_plugin.data.records import split_prompt_answers
+    model, tok = random_gpt2
+    pairs = record_answer_pairs(world.train_records[:3]) + [("Vardrous lives in", "Buenos Aires")]
+    module = get_module(model, MODULES[0])
+    got = answer_second_moments(model, tok, {MODULES[0]: module}, pairs, batch_size=4)[MODULES[0]]
+    rows, seen = [], {}
+    handle = module.register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0][0].double()))
+    with torch.no_grad():
+        for (p, a), (p_ids, a_ids) in zip(pairs, split_prompt_answers(tok, [p for p, _ in pairs],
+                                                                     [a for _, a in pairs])):
+            model(input_ids=torch.tensor([p_ids + a_ids]))
+            rows.append(seen["x"][len(p_ids) - 1:len(p_ids) + len(a_ids) - 1])
+    handle.remove()
+    x = torch.cat(rows)
+    assert x.shape[0] > len(pairs)                     # a multi-token answer counts every token
+    torch.testing.assert_close(got, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_answer_weight_mixes_the_moments_and_reaches_the_trainer(random_gpt2, world, tmp_path):
+    from rledit_plugin.cli import _statistics_pairs
+    from rledit_plugin.core.whitening import (answer_second_moments, mix_answer_moment,
+                                              record_answer_pairs, statistics_pairs)
+    records = world.train_records[:6]
+    pairs = statistics_pairs(records, world.fact_pairs[:5])
+    assert pairs[:5] == world.fact_pairs[:5] and pairs[5:] == record_answer_pairs(records)
+    assert world.fact_pairs[0][0] + " " + world.fact_pairs[0][1] + "." == world.corpus[0]
+    assert _statistics_pairs("embedded-tiny-gpt2", records, world) == statistics_pairs(records, world.fact_pairs)
+    assert _statistics_pairs("gpt2", records, world) is None
+    m, a = torch.eye(3, dtype=torch.float64) * 2, torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(mix_answer_moment(m, a, 0.5), m + 0.5 * 6.0 * a)   # 0.5 x tr(M) more
+
+    model, tok = random_gpt2
+    modules = {MODULES[0]: get_module(model, MODULES[0])}
+    texts = record_texts(records)
+    moment = key_second_moments(model, tok, modules, texts, max_length=48)[MODULES[0]]
+    answers = answer_second_moments(model, tok, modules, record_answer_pairs(records), max_length=48)[MODULES[0]]
+    want = whitening_matrix(mix_answer_moment(moment, answers, 0.3), 0.05)
+    hp = RLEditTrainingHyperParams(inner_params=MODULES, rank=8, n_blocks=1, init_lr=1e-2, max_length=48,
+                                   key_whitening=True, whitening_damping=0.05, whitening_answer_weight=0.3,
+                                   edit_minibatch=3, n_edits=3, traj_len=1, n_trajectories=1,
+                                   loss_minibatch=4, n_val=0, results_dir=str(tmp_path / "arch"))
+    net, _ = train_hypernetwork(copy.deepcopy(model), tok, hp, records, progress=False, save=False)
+    torch.testing.assert_close(net.whitening(MODULES[0]), want, rtol=1e-5, atol=1e-5)
+    assert (want - whitening_matrix(moment, 0.05)).abs().max() > 1e-3 * want.abs().max()
+    with pytest.raises(ValueError, match="pairs"):
+        compute_whitening(model, tok, modules, texts, 0.05, 48, answer_weight=0.3)
+    with pytest.raises(HParamsError, match="whitening_answer_weight"):
+        RLEditHyperParams(whitening_answer_weight=-1.0).validate()

@@ -58,6 +58,17 @@ def _statistics_texts(model_name: str, records, world=None) -> Optional[List[str
     return statistics_texts(records, (world or embedded_world(model_name)).corpus)
 
 
+def _statistics_pairs(model_name: str, records, world=None) -> Optional[list]:
+    """Answer-position pairs for an embedded tiny LM: its pre-training statements split
+    before their object, then the records' prompts (docs/TUNING.md section 14); None (the
+    trainer's default) otherwise."""
+    from .core.whitening import statistics_pairs
+    from .models import EMBEDDED_PREFIX, embedded_world
+    if not model_name.startswith(EMBEDDED_PREFIX) or not records:
+        return None
+    return statistics_pairs(records, (world or embedded_world(model_name)).fact_pairs)
+
+
 def cmd_train(args) -> int:
     from .core.trainer import train_hypernetwork
     from .hparams import RLEditTrainingHyperParams
@@ -72,7 +83,8 @@ def cmd_train(args) -> int:
     val = _train_records(hp, world.val_records if world else None, "val_data")
     start = time.perf_counter()
     _, history = train_hypernetwork(model, tok, hp, train, val,
-                                    whitening_texts=_statistics_texts(hp.model_name, train, world))
+                                    whitening_texts=_statistics_texts(hp.model_name, train, world),
+                                    whitening_pairs=_statistics_pairs(hp.model_name, train, world))
     print(json.dumps({"archive": hp.results_dir, "seconds": round(time.perf_counter() - start, 1),
                       "final": history[-1]}, indent=2))
     return 0
@@ -80,14 +92,16 @@ def cmd_train(args) -> int:
 
 # -- edit -------------------------------------------------------------------
 def run_edit_stream(hp, records, turns: int, batch: int, out: str, curve_every: Optional[int],
-                    name: str = "RLEdit", model=None, tok=None, heldout=None, whitening_texts=None):
+                    name: str = "RLEdit", model=None, tok=None, heldout=None, whitening_texts=None,
+                    whitening_pairs=None):
     """Lifelong stream of RLEdit edits scored by the harness; writes JSON, table and plot."""
     from .core.editor import RLEditor
     from .evaluation import run_stream, write_report
     from .models import load_model_and_tokenizer
     if model is None:
         model, tok = load_model_and_tokenizer(hp.model_name, hp.device, hp.torch_dtype)
-    editor = RLEditor(model, tok, hp, keep_journal=False, whitening_texts=whitening_texts)
+    editor = RLEditor(model, tok, hp, keep_journal=False, whitening_texts=whitening_texts,
+                      whitening_pairs=whitening_pairs)
     result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
                         curve_every=curve_every, heldout_texts=heldout,
                         config={"method": name, "hparams": hp.to_dict()})
@@ -96,7 +110,7 @@ def run_edit_stream(hp, records, turns: int, batch: int, out: str, curve_every: 
 
 
 def cmd_edit(args) -> int:
-    from .core.whitening import record_texts
+    from .core.whitening import record_answer_pairs, record_texts
     from .data.formats import load_records
     from .hparams import RLEditHyperParams
     from .models import embedded_world
@@ -110,16 +124,18 @@ def cmd_edit(args) -> int:
     heldout = world.heldout_corpus if world is not None else None
     # an untrained, whitened hypernetwork measures its key statistics on the world's train split
     # (and, for the embedded tiny LM, its pre-training sentences)
-    texts = None
+    texts = pairs = None
     if world is not None:
         texts = _statistics_texts(hp.model_name, world.train_records, world) or \
             record_texts(world.train_records)
+        pairs = _statistics_pairs(hp.model_name, world.train_records, world) or \
+            record_answer_pairs(world.train_records)
     used = min(len(records), args.turns * args.batch)
     if used < len(records):
         print(f"[edit] editing the first {used} of {len(records)} records ({args.turns} turns x "
               f"{args.batch}; --turns/--batch edit more)", file=sys.stderr)
     result, paths = run_edit_stream(hp, records, args.turns, args.batch, args.out, args.curve_every or None,
-                                    heldout=heldout, whitening_texts=texts)
+                                    heldout=heldout, whitening_texts=texts, whitening_pairs=pairs)
     print(json.dumps({"post": result["post"], "files": paths}, indent=2, default=str))
     return 0
 
@@ -154,6 +170,8 @@ def cmd_demo(args) -> int:
           f"batches x {hp.n_edits} edits ...", flush=True)
     _, history = train_hypernetwork(model, tok, hp, world.train_records, world.val_records,
                                     whitening_texts=_statistics_texts(hp.model_name,
+                                                                      world.train_records, world),
+                                    whitening_pairs=_statistics_pairs(hp.model_name,
                                                                       world.train_records, world))
     edit_hp = hp.editing()
     edit_hp.archive = hp.results_dir

@@ -149,7 +149,7 @@ class Comparison:
 
     def _setup_rledit(self, model, tok):
         from .core.editor import RLEditor
-        from .core.whitening import statistics_texts
+        from .core.whitening import statistics_pairs, statistics_texts
         from .hparams import RLEditHyperParams
         path = self.hparams_path(RLEDIT)
         hp = RLEditHyperParams.from_hparams(path)
@@ -166,7 +166,9 @@ class Comparison:
         # an archive without key statistics measures them as `rledit train` does: on the
         # corpus MEMIT's statistics use, then the training prompts
         texts = statistics_texts(self.train_records or (), self.corpus or ())
-        return RLEditor(model, tok, hp, keep_journal=False, whitening_texts=texts), info
+        pairs = statistics_pairs(self.train_records or ())
+        return RLEditor(model, tok, hp, keep_journal=False, whitening_texts=texts,
+                        whitening_pairs=pairs), info
 
     def _setup_mend(self, hp, model, tok) -> Dict[str, Any]:
         from .hosts.easyedit_mend import check_mend_architecture, train_mend

@@ -153,6 +153,10 @@ class RLEditHyperParams(_YamlParams):
     key_whitening: bool = False
     whitening_damping: float = 0.01
     whitening_texts: Optional[str] = None   # text file, one per line; default: the training records
+    # > 0: the key statistics also weigh the positions that predict an answer (the training
+    # records' prompts, and the pre-training statements of the embedded tiny LM) at this
+    # share of the all-token moment's trace; docs/TUNING.md section 14
+    whitening_answer_weight: float = 0.0
     # > 0: the ridge also penalises changes along the keys of batches already applied, each
     # key weighted by this much (relative to one token of the key statistics with whitening,
     # to the identity without); core/memory.py
@@ -186,6 +190,8 @@ class RLEditHyperParams(_YamlParams):
             raise HParamsError(f"{source}: key 'torch_dtype' must be float32, bfloat16 or float16")
         if float(self.whitening_damping) <= 0:
             raise HParamsError(f"{source}: key 'whitening_damping' must be > 0")
+        if float(self.whitening_answer_weight) < 0:
+            raise HParamsError(f"{source}: key 'whitening_answer_weight' must be >= 0 (0 = off)")
         if float(self.edit_memory) < 0:
             raise HParamsError(f"{source}: key 'edit_memory' must be >= 0 (0 = off)")
         if self.settled_prob is not None and not 0.0 < float(self.settled_prob) <= 1.0:

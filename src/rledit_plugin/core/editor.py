@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -114,7 +114,8 @@ class RLEditor:
 
     def __init__(self, model: nn.Module, tok, hparams: RLEditHyperParams,
                  hypernet: Optional[HyperNetwork] = None, keep_journal: bool = True,
-                 whitening_texts: Optional[Sequence[str]] = None):
+                 whitening_texts: Optional[Sequence[str]] = None,
+                 whitening_pairs: Optional[Sequence[Tuple[str, str]]] = None):
         self.model, self.tok, self.hparams = model, tok, hparams
         config = getattr(model, "config", None)
         positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
@@ -133,7 +134,7 @@ class RLEditor:
                              f"but the hparams ask for {sorted(names)}")
         self.hypernet.to(model_device(model)).requires_grad_(False)
         if hparams.key_whitening and not self.hypernet.whitened:
-            self._init_whitening(whitening_texts)
+            self._init_whitening(whitening_texts, whitening_pairs)
         self.keep_journal = keep_journal
         self.journal: List[Update] = []
         self._pristine = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
@@ -147,15 +148,17 @@ class RLEditor:
             weight = next(iter(self.modules.values())).weight     # keys come out at >= float32
             self.memory.prepare(torch.promote_types(weight.dtype, torch.float32), weight.device)
 
-    def _init_whitening(self, texts: Optional[Sequence[str]]) -> None:
+    def _init_whitening(self, texts: Optional[Sequence[str]],
+                        pairs: Optional[Sequence[Tuple[str, str]]] = None) -> None:
         hp = self.hparams
         if hp.whitening_texts:
             texts = read_texts(hp.whitening_texts)
         if not texts:
             raise ValueError("key_whitening: true needs key statistics: an archive trained with "
                              "it, 'whitening_texts' (a text file), or texts passed by the trainer")
-        self.hypernet.set_whitening(compute_whitening(self.model, self.tok, self.modules, texts,
-                                                      hp.whitening_damping, hp.max_length))
+        self.hypernet.set_whitening(compute_whitening(
+            self.model, self.tok, self.modules, texts, hp.whitening_damping, hp.max_length,
+            answer_pairs=pairs, answer_weight=float(hp.whitening_answer_weight)))
 
     # -- the algorithm -------------------------------------------------
     @property

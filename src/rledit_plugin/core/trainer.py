@@ -42,7 +42,7 @@ from .capture import at_least_fp32, eval_mode, frozen_parameters
 from .editor import RLEditor, Update, load_norm_state, norm_state
 from .hypernet import HyperNetwork
 from .solve import l2_term_kg, project_weight_grad, ridge_dual_backward
-from .whitening import record_texts
+from .whitening import record_answer_pairs, record_texts
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,12 @@ class SequenceTrainer:
 
     def __init__(self, model, tok, hparams: RLEditTrainingHyperParams,
                  hypernet: Optional[HyperNetwork] = None, progress: bool = True,
-                 whitening_texts: Optional[Sequence[str]] = None):
+                 whitening_texts: Optional[Sequence[str]] = None,
+                 whitening_pairs: Optional[Sequence[Tuple[str, str]]] = None):
         self.hp, self.model, self.tok, self.progress = hparams, model, tok, progress
         torch.manual_seed(hparams.seed)
         self.editor = RLEditor(model, tok, hparams.editing(), hypernet=hypernet, keep_journal=False,
-                               whitening_texts=whitening_texts)
+                               whitening_texts=whitening_texts, whitening_pairs=whitening_pairs)
         self.net = self.editor.hypernet
         self.net.requires_grad_(True)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=hparams.meta_lr)
@@ -240,7 +241,8 @@ def train_hypernetwork(model, tok, hparams: RLEditTrainingHyperParams,
                        train_records: Sequence[EditRecord],
                        val_records: Optional[Sequence[EditRecord]] = None,
                        progress: bool = True, save: bool = True,
-                       whitening_texts: Optional[Sequence[str]] = None):
+                       whitening_texts: Optional[Sequence[str]] = None,
+                       whitening_pairs: Optional[Sequence[Tuple[str, str]]] = None):
     """Train a hypernetwork for ``model``; returns ``(hypernet, history)``.
 
     ``history`` is a list of per-trajectory dicts (train losses, validation
@@ -248,13 +250,19 @@ def train_hypernetwork(model, tok, hparams: RLEditTrainingHyperParams,
     returned; with ``save`` it is archived under ``hparams.results_dir``.
     ``whitening_texts``: the key statistics' text (default: the training records'
     prompts; a ``whitening_texts`` file in the hparams takes precedence over both).
+    ``whitening_pairs``: the answer-position statistics' (prompt, answer) pairs when
+    ``whitening_answer_weight > 0`` (default: the training records' prompts).
     """
     if not train_records:
         raise ValueError("no training records")
     texts = None
     if hparams.key_whitening:
         texts = list(whitening_texts) if whitening_texts else record_texts(train_records)
-    trainer = SequenceTrainer(model, tok, hparams, progress=progress, whitening_texts=texts)
+    pairs = None
+    if hparams.key_whitening and float(hparams.whitening_answer_weight) > 0:
+        pairs = list(whitening_pairs) if whitening_pairs else record_answer_pairs(train_records)
+    trainer = SequenceTrainer(model, tok, hparams, progress=progress, whitening_texts=texts,
+                              whitening_pairs=pairs)
     val = list(val_records or [])[: hparams.n_val]
     history: List[dict] = []
     best_state, best_score = None, -math.inf

@@ -19,13 +19,13 @@ and editing use the same one.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Sequence
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.records import EditRecord, batch_ids, pad_right
+from ..data.records import EditRecord, batch_ids, pad_right, tokenize_teacher_forced
 
 
 def record_texts(records: Iterable[EditRecord]) -> list:
@@ -47,6 +47,57 @@ def statistics_texts(records: Iterable[EditRecord], corpus: Sequence[str] = ()) 
     The corpus adds the keys of facts that no training record asks about, which the ridge
     then also protects (docs/TUNING.md section 10)."""
     return list(dict.fromkeys([*corpus, *record_texts(records)]))
+
+
+def record_answer_pairs(records: Iterable[EditRecord]) -> list:
+    """The (prompt, answer) pairs of :func:`record_texts`, for :func:`answer_second_moments`."""
+    pairs = []
+    for r in records:
+        pairs += [(r.prompt, a) for a in (r.target_true, r.target_new) if a]
+        pairs += [(p, r.target_new) for p in r.paraphrases]
+        pairs += list(zip(r.locality_prompts, r.locality_answers))
+    return list(dict.fromkeys(pairs))
+
+
+def statistics_pairs(records: Iterable[EditRecord],
+                     facts: Sequence[Tuple[str, str]] = ()) -> list:
+    """The answer-position statistics' pairs: ``facts`` (statements of the pre-training text
+    split before their object, when known), then every prompt of ``records``."""
+    return list(dict.fromkeys([*facts, *record_answer_pairs(records)]))
+
+
+@torch.no_grad()
+def answer_second_moments(model: nn.Module, tok, modules: Mapping[str, nn.Module],
+                          pairs: Sequence[Tuple[str, str]], batch_size: int = 64,
+                          max_length: int = 128) -> Dict[str, Tensor]:
+    """``E[k k^T]`` (float64) of each module's input over the positions that predict an
+    answer token of ``pairs`` (teacher-forced ``prompt + " " + answer``)."""
+    if not pairs:
+        raise ValueError("answer-position key statistics need at least one (prompt, answer) pair")
+    sums: Dict[str, Tensor] = {}
+    grabbed: Dict[str, Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: grabbed.__setitem__(n, inp[0]))
+               for n, m in modules.items()]
+    device = next(model.parameters()).device
+    was_training, count = model.training, 0
+    model.eval()
+    try:
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            enc = tokenize_teacher_forced(tok, [p for p, _ in chunk], [a for _, a in chunk],
+                                          max_length, device=device)
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            predicts = torch.zeros_like(enc["labels"], dtype=torch.bool)
+            predicts[:, :-1] = enc["labels"][:, 1:] != -100     # position t predicts token t+1
+            count += int(predicts.sum())
+            for n in modules:
+                x = grabbed[n][predicts].double()
+                sums[n] = sums[n] + x.T @ x if n in sums else x.T @ x
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: (v / count).cpu() for n, v in sums.items()}
 
 
 @torch.no_grad()
@@ -95,11 +146,25 @@ def whitening_matrix(second_moment: Tensor, damping: float) -> Tensor:
     return ((evecs * evals.clamp_min(1e-30).rsqrt()) @ evecs.T).float()
 
 
+def mix_answer_moment(moment: Tensor, answers: Tensor, weight: float) -> Tensor:
+    """``M + weight * (tr M / tr M_ans) * M_ans``: the answer positions' moment added at
+    ``weight`` times the trace of the all-token one (docs/TUNING.md section 14)."""
+    return moment + weight * (float(moment.trace()) / float(answers.trace())) * answers
+
+
 def compute_whitening(model: nn.Module, tok, modules: Mapping[str, nn.Module],
                       texts: Sequence[str], damping: float, max_length: int = 128,
-                      progress: bool = False) -> Dict[str, Tensor]:
-    """Whitening matrix per edited module from ``texts``."""
+                      progress: bool = False, answer_pairs: Optional[Sequence[Tuple[str, str]]] = None,
+                      answer_weight: float = 0.0) -> Dict[str, Tensor]:
+    """Whitening matrix per edited module from ``texts`` (every token) and, with
+    ``answer_weight > 0``, the positions of ``answer_pairs`` that predict an answer."""
     moments = key_second_moments(model, tok, modules, texts, max_length=max_length, progress=progress)
+    if answer_weight > 0:
+        if not answer_pairs:
+            raise ValueError("whitening_answer_weight > 0 needs (prompt, answer) pairs: train with "
+                             "records (rledit train) or set whitening_answer_weight: 0")
+        answers = answer_second_moments(model, tok, modules, answer_pairs, max_length=max_length)
+        moments = {n: mix_answer_moment(m, answers[n], answer_weight) for n, m in moments.items()}
     return {n: whitening_matrix(m, damping) for n, m in moments.items()}
 
 

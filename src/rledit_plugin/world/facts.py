@@ -196,6 +196,12 @@ class World:
         return [f.sentence() for f in self.all_facts()]
 
     @property
+    def fact_pairs(self) -> List[Tuple[str, str]]:
+        """Every corpus sentence split before its object: ("Vardrous lives in", "Lima")."""
+        return [(RELATION_BY_NAME[f.relation].sentence.split("{o}")[0].format(s=f.subject).rstrip(),
+                 f.object) for f in self.all_facts()]
+
+    @property
     def heldout_corpus(self) -> List[str]:
         """The same facts in a wording the tiny LM is never trained on (perplexity text)."""
         return [f.sentence(heldout=True) for f in self.all_facts()]
