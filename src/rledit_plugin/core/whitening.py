@@ -67,13 +67,10 @@ def statistics_pairs(records: Iterable[EditRecord],
 
 
 @torch.no_grad()
-def answer_second_moments(model: nn.Module, tok, modules: Mapping[str, nn.Module],
-                          pairs: Sequence[Tuple[str, str]], batch_size: int = 64,
-                          max_length: int = 128) -> Dict[str, Tensor]:
-    """``E[k k^T]`` (float64) of each module's input over the positions that predict an
-    answer token of ``pairs`` (teacher-forced ``prompt + " " + answer``)."""
-    if not pairs:
-        raise ValueError("answer-position key statistics need at least one (prompt, answer) pair")
+def _moments_at(model: nn.Module, modules: Mapping[str, nn.Module],
+                batches: Iterable[Tuple[Tensor, Tensor, Tensor]]) -> Dict[str, Tensor]:
+    """``E[k k^T]`` (float64) of each module's input over the selected positions of
+    ``(input_ids, attention_mask, selected)`` batches, with the model in eval mode."""
     sums: Dict[str, Tensor] = {}
     grabbed: Dict[str, Tensor] = {}
     handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: grabbed.__setitem__(n, inp[0]))
@@ -82,16 +79,12 @@ def answer_second_moments(model: nn.Module, tok, modules: Mapping[str, nn.Module
     was_training, count = model.training, 0
     model.eval()
     try:
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i:i + batch_size]
-            enc = tokenize_teacher_forced(tok, [p for p, _ in chunk], [a for _, a in chunk],
-                                          max_length, device=device)
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            predicts = torch.zeros_like(enc["labels"], dtype=torch.bool)
-            predicts[:, :-1] = enc["labels"][:, 1:] != -100     # position t predicts token t+1
-            count += int(predicts.sum())
+        for input_ids, mask, selected in batches:
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+            selected = selected.to(device)
+            count += int(selected.sum())
             for n in modules:
-                x = grabbed[n][predicts].double()
+                x = grabbed[n][selected].double()
                 sums[n] = sums[n] + x.T @ x if n in sums else x.T @ x
     finally:
         for h in handles:
@@ -100,39 +93,37 @@ def answer_second_moments(model: nn.Module, tok, modules: Mapping[str, nn.Module
     return {n: (v / count).cpu() for n, v in sums.items()}
 
 
-@torch.no_grad()
+def answer_second_moments(model: nn.Module, tok, modules: Mapping[str, nn.Module],
+                          pairs: Sequence[Tuple[str, str]], batch_size: int = 64,
+                          max_length: int = 128) -> Dict[str, Tensor]:
+    """``E[k k^T]`` (float64) of each module's input over the positions that predict an
+    answer token of ``pairs`` (teacher-forced ``prompt + " " + answer``)."""
+    if not pairs:
+        raise ValueError("answer-position key statistics need at least one (prompt, answer) pair")
+
+    def batches():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            enc = tokenize_teacher_forced(tok, [p for p, _ in chunk], [a for _, a in chunk], max_length)
+            predicts = torch.zeros_like(enc["labels"], dtype=torch.bool)
+            predicts[:, :-1] = enc["labels"][:, 1:] != -100     # position t predicts token t+1
+            yield enc["input_ids"], enc["attention_mask"], predicts
+    return _moments_at(model, modules, batches())
+
+
 def key_second_moments(model: nn.Module, tok, modules: Mapping[str, nn.Module],
                        texts: Sequence[str], batch_size: int = 32, max_length: int = 128,
                        progress: bool = False) -> Dict[str, Tensor]:
     """``E[k k^T]`` (float64, d_in x d_in) of each module's input over every non-pad token."""
     if not texts:
         raise ValueError("key statistics need at least one text")
-    sums: Dict[str, Tensor] = {}
-    count = 0
-    mask_now: Dict[str, Tensor] = {}
 
-    def hook_for(name):
-        def hook(_module, inputs, _output):
-            x = inputs[0][mask_now["mask"]].double()
-            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    def batches():
         for i in tqdm(range(0, len(texts), batch_size), desc="key statistics", disable=not progress):
             ids = [x[:max_length] for x in batch_ids(tok, list(texts[i:i + batch_size]))]
             input_ids, mask = pad_right(ids, 0)            # padding is masked out of the sums
-            mask_now["mask"] = mask.bool().to(device)
-            count += int(mask.sum())
-            model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return {n: (s / count).cpu() for n, s in sums.items()}
+            yield input_ids, mask, mask.bool()
+    return _moments_at(model, modules, batches())
 
 
 def whitening_matrix(second_moment: Tensor, damping: float) -> Tensor:
