@@ -119,12 +119,12 @@ def test_later_rounds_reuse_the_whitened_keys_only_where_the_keys_are_unchanged(
 
 def test_statistics_texts_and_the_trainer_measures_the_keys_on_the_texts_it_is_given(random_gpt2, world,
                                                                                      tmp_path):
-    from rledit_plugin.cli import _statistics_texts
+    from rledit_plugin.cli import _key_statistics
     records, corpus = world.train_records[:6], world.corpus[:5]
     texts = statistics_texts(records, corpus + corpus[:2])       # corpus first, duplicates once
     assert texts == corpus + record_texts(records)
-    assert _statistics_texts("embedded-tiny-gpt2", records, world) == statistics_texts(records, world.corpus)
-    assert _statistics_texts("gpt2", records, world) is None     # no known pre-training text
+    assert _key_statistics("embedded-tiny-gpt2", records, world)["whitening_texts"] == statistics_texts(records, world.corpus)
+    assert _key_statistics("gpt2", records, world)["whitening_texts"] is None     # no known pre-training text
 
     model, tok = random_gpt2
     hp = RLEditTrainingHyperParams(inner_params=MODULES, rank=8, n_blocks=1, init_lr=1e-2, max_length=48,
@@ -165,15 +165,15 @@ def test_answer_moment_equals_brute_force_at_the_positions_that_predict_the_answ
 
 
 def test_answer_weight_mixes_the_moments_and_reaches_the_trainer(random_gpt2, world, tmp_path):
-    from rledit_plugin.cli import _statistics_pairs
+    from rledit_plugin.cli import _key_statistics
     from rledit_plugin.core.whitening import (answer_second_moments, mix_answer_moment,
                                               record_answer_pairs, statistics_pairs)
     records = world.train_records[:6]
     pairs = statistics_pairs(records, world.fact_pairs[:5])
     assert pairs[:5] == world.fact_pairs[:5] and pairs[5:] == record_answer_pairs(records)
     assert world.fact_pairs[0][0] + " " + world.fact_pairs[0][1] + "." == world.corpus[0]
-    assert _statistics_pairs("embedded-tiny-gpt2", records, world) == statistics_pairs(records, world.fact_pairs)
-    assert _statistics_pairs("gpt2", records, world) is None
+    assert _key_statistics("embedded-tiny-gpt2", records, world)["whitening_pairs"] == statistics_pairs(records, world.fact_pairs)
+    assert _key_statistics("gpt2", records, world)["whitening_pairs"] is None
     m, a = torch.eye(3, dtype=torch.float64) * 2, torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(mix_answer_moment(m, a, 0.5), m + 0.5 * 6.0 * a)   # 0.5 x tr(M) more
 

@@ -48,25 +48,18 @@ def _train_records(hp, world_records, path_attr: str):
     return load_records(path) if path else world_records
 
 
-def _statistics_texts(model_name: str, records, world=None) -> Optional[List[str]]:
-    """Key-statistics text for an embedded tiny LM: its pre-training sentences, then the
-    records' prompts (docs/TUNING.md section 10); None (the trainer's default) otherwise."""
-    from .core.whitening import statistics_texts
+def _key_statistics(model_name: str, records, world=None) -> dict:
+    """The key statistics' sources (``whitening_texts``, ``whitening_pairs``) for an embedded
+    tiny LM: its pre-training sentences, and the same statements split before their object,
+    then the records' prompts (docs/TUNING.md sections 10, 14); both None (the trainer's
+    default: the records alone) otherwise."""
+    from .core.whitening import statistics_pairs, statistics_texts
     from .models import EMBEDDED_PREFIX, embedded_world
     if not model_name.startswith(EMBEDDED_PREFIX) or not records:
-        return None
-    return statistics_texts(records, (world or embedded_world(model_name)).corpus)
-
-
-def _statistics_pairs(model_name: str, records, world=None) -> Optional[list]:
-    """Answer-position pairs for an embedded tiny LM: its pre-training statements split
-    before their object, then the records' prompts (docs/TUNING.md section 14); None (the
-    trainer's default) otherwise."""
-    from .core.whitening import statistics_pairs
-    from .models import EMBEDDED_PREFIX, embedded_world
-    if not model_name.startswith(EMBEDDED_PREFIX) or not records:
-        return None
-    return statistics_pairs(records, (world or embedded_world(model_name)).fact_pairs)
+        return {"whitening_texts": None, "whitening_pairs": None}
+    world = world or embedded_world(model_name)
+    return {"whitening_texts": statistics_texts(records, world.corpus),
+            "whitening_pairs": statistics_pairs(records, world.fact_pairs)}
 
 
 def cmd_train(args) -> int:
@@ -83,8 +76,7 @@ def cmd_train(args) -> int:
     val = _train_records(hp, world.val_records if world else None, "val_data")
     start = time.perf_counter()
     _, history = train_hypernetwork(model, tok, hp, train, val,
-                                    whitening_texts=_statistics_texts(hp.model_name, train, world),
-                                    whitening_pairs=_statistics_pairs(hp.model_name, train, world))
+                                    **_key_statistics(hp.model_name, train, world))
     print(json.dumps({"archive": hp.results_dir, "seconds": round(time.perf_counter() - start, 1),
                       "final": history[-1]}, indent=2))
     return 0
@@ -124,18 +116,17 @@ def cmd_edit(args) -> int:
     heldout = world.heldout_corpus if world is not None else None
     # an untrained, whitened hypernetwork measures its key statistics on the world's train split
     # (and, for the embedded tiny LM, its pre-training sentences)
-    texts = pairs = None
+    stats = {"whitening_texts": None, "whitening_pairs": None}
     if world is not None:
-        texts = _statistics_texts(hp.model_name, world.train_records, world) or \
-            record_texts(world.train_records)
-        pairs = _statistics_pairs(hp.model_name, world.train_records, world) or \
-            record_answer_pairs(world.train_records)
+        stats = _key_statistics(hp.model_name, world.train_records, world)
+        stats["whitening_texts"] = stats["whitening_texts"] or record_texts(world.train_records)
+        stats["whitening_pairs"] = stats["whitening_pairs"] or record_answer_pairs(world.train_records)
     used = min(len(records), args.turns * args.batch)
     if used < len(records):
         print(f"[edit] editing the first {used} of {len(records)} records ({args.turns} turns x "
               f"{args.batch}; --turns/--batch edit more)", file=sys.stderr)
     result, paths = run_edit_stream(hp, records, args.turns, args.batch, args.out, args.curve_every or None,
-                                    heldout=heldout, whitening_texts=texts, whitening_pairs=pairs)
+                                    heldout=heldout, **stats)
     print(json.dumps({"post": result["post"], "files": paths}, indent=2, default=str))
     return 0
 
@@ -169,10 +160,7 @@ def cmd_demo(args) -> int:
     print(f"[demo] training the hypernetwork: {hp.n_trajectories} trajectories x {hp.traj_len} "
           f"batches x {hp.n_edits} edits ...", flush=True)
     _, history = train_hypernetwork(model, tok, hp, world.train_records, world.val_records,
-                                    whitening_texts=_statistics_texts(hp.model_name,
-                                                                      world.train_records, world),
-                                    whitening_pairs=_statistics_pairs(hp.model_name,
-                                                                      world.train_records, world))
+                                    **_key_statistics(hp.model_name, world.train_records, world))
     edit_hp = hp.editing()
     edit_hp.archive = hp.results_dir
     print(f"[demo] lifelong stream: {turns} turns x {batch} held-out edits ...", flush=True)
