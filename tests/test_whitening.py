@@ -176,6 +176,8 @@ def test_answer_weight_mixes_the_moments_and_reaches_the_trainer(random_gpt2, wo
     assert _key_statistics("gpt2", records, world)["whitening_pairs"] is None
     m, a = torch.eye(3, dtype=torch.float64) * 2, torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(mix_answer_moment(m, a, 0.5), m + 0.5 * 6.0 * a)   # 0.5 x tr(M) more
+    with pytest.raises(ValueError, match="trace"):          # all-zero answer keys: no NaN moment
+        mix_answer_moment(m, torch.zeros_like(a), 0.5)
 
     model, tok = random_gpt2
     modules = {MODULES[0]: get_module(model, MODULES[0])}
@@ -194,3 +196,15 @@ def test_answer_weight_mixes_the_moments_and_reaches_the_trainer(random_gpt2, wo
         compute_whitening(model, tok, modules, texts, 0.05, 48, answer_weight=0.3)
     with pytest.raises(HParamsError, match="whitening_answer_weight"):
         RLEditHyperParams(whitening_answer_weight=-1.0).validate()
+
+
+def test_moments_with_no_selected_position_fail_instead_of_nan(random_gpt2):
+    from rledit_plugin.core.whitening import _moments_at
+    model, tok = random_gpt2
+    modules = {MODULES[0]: get_module(model, MODULES[0])}
+    ids = torch.tensor([tok.encode("a short text")])
+    mask = torch.ones_like(ids)
+    got = _moments_at(model, modules, [(ids, mask, mask.bool())])[MODULES[0]]
+    assert torch.isfinite(got).all() and got.trace() > 0
+    with pytest.raises(ValueError, match="no token position"):
+        _moments_at(model, modules, [(ids, mask, torch.zeros_like(mask, dtype=torch.bool))])

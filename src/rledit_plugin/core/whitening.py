@@ -90,6 +90,9 @@ def _moments_at(model: nn.Module, modules: Mapping[str, nn.Module],
         for h in handles:
             h.remove()
         model.train(was_training)
+    if count == 0:      # dividing by it would turn every whitening matrix into NaN, silently
+        raise ValueError("key statistics: the batches select no token position, so there is "
+                         "nothing to estimate the key moments from")
     return {n: (v / count).cpu() for n, v in sums.items()}
 
 
@@ -140,6 +143,9 @@ def whitening_matrix(second_moment: Tensor, damping: float) -> Tensor:
 def mix_answer_moment(moment: Tensor, answers: Tensor, weight: float) -> Tensor:
     """``M + weight * (tr M / tr M_ans) * M_ans``: the answer positions' moment added at
     ``weight`` times the trace of the all-token one (docs/TUNING.md section 14)."""
+    if not float(answers.trace()) > 0:
+        raise ValueError(f"answer-position key moment has trace {float(answers.trace())}: "
+                         "every answer key is zero, so it cannot be scaled to the all-token moment")
     return moment + weight * (float(moment.trace()) / float(answers.trace())) * answers
 
 
