@@ -143,10 +143,11 @@ def whitening_matrix(second_moment: Tensor, damping: float) -> Tensor:
 def mix_answer_moment(moment: Tensor, answers: Tensor, weight: float) -> Tensor:
     """``M + weight * (tr M / tr M_ans) * M_ans``: the answer positions' moment added at
     ``weight`` times the trace of the all-token one (docs/TUNING.md section 14)."""
-    if not float(answers.trace()) > 0:
-        raise ValueError(f"answer-position key moment has trace {float(answers.trace())}: "
-                         "every answer key is zero, so it cannot be scaled to the all-token moment")
-    return moment + weight * (float(moment.trace()) / float(answers.trace())) * answers
+    answer_trace = float(answers.trace())
+    if not answer_trace > 0:
+        raise ValueError(f"answer-position key moment has trace {answer_trace}: every answer "
+                         "key is zero, so it cannot be scaled to the all-token moment")
+    return moment + weight * (float(moment.trace()) / answer_trace) * answers
 
 
 def compute_whitening(model: nn.Module, tok, modules: Mapping[str, nn.Module],
