@@ -6,8 +6,12 @@ import os
 import random
 from pathlib import Path
 
-import pytest
-import torch
+from rledit_plugin.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()   # before any torch operation: the suite's tiny LM is the demo's on every CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from rledit_plugin.world.facts import build_world
 from rledit_plugin.world.tiny_lm import build_tokenizer, load_or_train_tiny_lm, random_tiny_lm

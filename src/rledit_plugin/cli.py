@@ -135,6 +135,7 @@ def cmd_edit(args) -> int:
 def cmd_demo(args) -> int:
     """world -> tiny LM -> train the hypernetwork -> lifelong stream -> table + plot."""
     from .core.trainer import train_hypernetwork
+    from .cpu_kernels import cpu_kernels
     from .evaluation import markdown_table
     from .hparams import RLEditTrainingHyperParams
     from .models import EMBEDDED_PREFIX, QUICK_SUFFIX, embedded_world, load_model_and_tokenizer
@@ -171,6 +172,7 @@ def cmd_demo(args) -> int:
                                     model=model, tok=tok, heldout=world.heldout_corpus[:1000])
     print(markdown_table({"RLEdit": result}))
     summary = {"seconds_total": round(time.perf_counter() - start, 1), "edits": result["edits"],
+               "cpu_kernels": cpu_kernels(),
                "post": result["post"], "files": paths, "training": history[-1]}
     with open(out / "demo_summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -239,9 +241,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. A mistake in the user's input (a data file, a YAML file, an archive)
     is one line on stderr and exit status 2, the traceback only with --verbose."""
     from .core.archive import ArchiveError
+    from .cpu_kernels import pin_cpu_kernels
     from .data.records import RecordError
     from .hparams import HParamsError
     args = build_parser().parse_args(argv)
+    try:
+        pin_cpu_kernels()       # before torch's first operation: the same numbers on every CPU
+    except ValueError as e:
+        print(f"rledit: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

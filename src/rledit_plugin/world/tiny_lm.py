@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..cpu_kernels import cpu_kernels
 from ..data.records import IGNORE_INDEX, EditRecord, tokenize_teacher_forced
 from .facts import SPLITS, World, build_world
 from .pretrain import LRSchedule, encode_corpus, fixed_threads, length_buckets, train_loop
@@ -244,8 +245,10 @@ def train_tiny_lm(world: World, tok, arch: str = "gpt2", config: Optional[TinyLM
 # ---------------------------------------------------------------------------- cache
 
 def cache_key(world: World, arch: str, config: TinyLMConfig) -> str:
+    """The entry's name: the world, the architecture, the config and torch's CPU kernels
+    (AVX2 and AVX-512 kernels pre-train different models: cpu_kernels.py)."""
     payload = {"world": world.fingerprint(), "arch": arch, "config": asdict(config),
-               "format": _CACHE_FORMAT}
+               "format": _CACHE_FORMAT, "cpu_kernels": cpu_kernels()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -290,7 +293,8 @@ def load_or_train_tiny_lm(world: Optional[World] = None, arch: str = "gpt2",
             "cpu_seconds": stats["cpu_seconds"], "epochs": stats["epochs"],
             "steps": stats["steps"], "history": stats["history"],
             "params": count_parameters(model), "arch": arch, "config": asdict(cfg),
-            "world_fingerprint": world.fingerprint(), "threads": stats["threads"]}
+            "world_fingerprint": world.fingerprint(), "threads": stats["threads"],
+            "cpu_kernels": cpu_kernels()}
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
     try:
