@@ -28,6 +28,19 @@ def test_second_moment_equals_brute_force_over_unpadded_tokens(random_gpt2, worl
     torch.testing.assert_close(got, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)   # fp32 model
 
 
+def test_a_float64_model_keeps_float64_products_in_its_moments(random_gpt2, world):
+    model, tok = random_gpt2
+    model = model.double()
+    texts = record_texts(world.train_records[:3])
+    got = key_second_moments(model, tok, {"lm_head": model.lm_head}, texts, batch_size=2)["lm_head"]
+    with torch.no_grad():
+        x = torch.cat([model(input_ids=torch.tensor([tok(t)["input_ids"]]), output_hidden_states=True)
+                       .hidden_states[-1][0] for t in texts])
+    assert x.dtype == torch.float64
+    # float32 products would be off by ~1e-7 relative; float64 ones agree to rounding
+    torch.testing.assert_close(got, x.T @ x / x.shape[0], rtol=1e-12, atol=1e-14)
+
+
 def test_whitening_matrix_inverts_the_damped_moment():
     torch.manual_seed(0)
     x = torch.randn(50, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
