@@ -47,6 +47,9 @@ from rledit_plugin.hparams import RLEditHyperParams  # noqa: E402
 from rledit_plugin.kernels import update_survival  # noqa: E402
 from rledit_plugin.models import load_model_and_tokenizer, weight_view  # noqa: E402
 from rledit_plugin.world import build_world  # noqa: E402
+from rledit_plugin.cpu_kernels import pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()   # the CPU kernels `rledit` uses: the demo's numbers on any CPU
 
 RUNS = (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "fp32"), ("bfloat16", "kahan"))
 METRICS = ("efficacy", "generalization", "specificity", "specificity_vs_unedited",

@@ -57,6 +57,9 @@ from rledit_plugin.kernels import apply_low_rank_  # noqa: E402
 from rledit_plugin.models import load_model_and_tokenizer, model_device, weight_view  # noqa: E402
 from rledit_plugin.world import build_world  # noqa: E402
 from rledit_plugin.world.tiny_lm import random_tiny_lm  # noqa: E402
+from rledit_plugin.cpu_kernels import pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()   # the CPU kernels `rledit` uses: the demo's numbers on any CPU
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_HPARAMS = ROOT / "hparams" / "RLEdit" / "tiny.yaml"

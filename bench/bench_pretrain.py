@@ -23,6 +23,9 @@ import torch
 
 from rledit_plugin.world import WorldConfig, build_world
 from rledit_plugin.world.tiny_lm import TinyLMConfig, build_tokenizer, train_tiny_lm
+from rledit_plugin.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()   # the CPU kernels `rledit` uses: the demo's numbers on any CPU
 
 VARIANTS = {
     "previous (1 thread, gelu_new, AdamW loop)": dict(threads=1),

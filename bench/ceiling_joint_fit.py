@@ -23,6 +23,9 @@ from rledit_plugin.data.records import edit_batch, tokenize_teacher_forced
 from rledit_plugin.evaluation.metrics import capture_reference, score_records
 from rledit_plugin.models import get_module, load_model_and_tokenizer
 from rledit_plugin.world import build_world
+from rledit_plugin.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()   # the CPU kernels `rledit` uses: the demo's numbers on any CPU
 
 KEYS = ("efficacy", "generalization", "specificity_vs_unedited", "generation_em")
 

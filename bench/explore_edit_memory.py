@@ -25,6 +25,9 @@ from rledit_plugin.evaluation import run_stream
 from rledit_plugin.hparams import RLEditHyperParams
 from rledit_plugin.models import load_model_and_tokenizer
 from rledit_plugin.world import WorldConfig, build_world
+from rledit_plugin.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()   # the CPU kernels `rledit` uses: the demo's numbers on any CPU
 
 
 def main():

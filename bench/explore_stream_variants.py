@@ -30,6 +30,9 @@ from rledit_plugin.evaluation.metrics import capture_reference, score_records
 from rledit_plugin.hparams import RLEditHyperParams
 from rledit_plugin.models import load_model_and_tokenizer, model_device
 from rledit_plugin.world import build_world
+from rledit_plugin.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()   # the CPU kernels `rledit` uses: the demo's numbers on any CPU
 
 
 class EditMemoryEditor(RLEditor):
