@@ -54,7 +54,10 @@ def test_a_bad_choice_names_the_variable(clean_env, capsys):
     with pytest.raises(ValueError, match=r"RLEDIT_CPU_KERNELS='avx512'.*avx2, native"):
         requested_kernels()
     from rledit_plugin.cli import main
+    from rledit_plugin.compare_cli import main as compare_main
     assert main(["world", "--out", "unused"]) == 2
+    assert "RLEDIT_CPU_KERNELS" in capsys.readouterr().err
+    assert compare_main(["--turns", "1"]) == 2
     assert "RLEDIT_CPU_KERNELS" in capsys.readouterr().err
 
 

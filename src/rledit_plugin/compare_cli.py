@@ -19,6 +19,7 @@ import torch
 from .compare import (ALGORITHMS, DEFAULT_ALGS, Comparison, hparams_key_name, is_failure,
                       parse_algs, run_comparison)
 from .compare_report import write_comparison
+from .cpu_kernels import cpu_kernels
 from .data.formats import FORMAT_CHOICES
 
 
@@ -84,7 +85,7 @@ def cmd_compare(args) -> int:
     rest = rest[1:] if rest[:1] == ["compare"] else rest      # `rledit compare` or `python -m`
     meta = {"argv": ["rledit", "compare"] + rest, "model": args.model, "turns": args.turns,
             "batch": args.batch, "algs": algs, "torch_threads": torch.get_num_threads(),
-            "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "cpu_kernels": cpu_kernels(),
             "data": args.data or "embedded eval split"}
 
     done: Dict[str, Dict[str, Any]] = {}
@@ -152,7 +153,11 @@ def add_compare_parser(subparsers) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m rledit_plugin.compare ...`` = ``rledit compare ...``."""
     from .cpu_kernels import pin_cpu_kernels
-    pin_cpu_kernels()       # as `rledit` does: the same numbers on every CPU
+    try:
+        pin_cpu_kernels()       # as `rledit` does: the same numbers on every CPU
+    except ValueError as e:
+        print(f"rledit compare: error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="rledit")
     add_compare_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["compare"] + list(sys.argv[1:] if argv is None else argv))
