@@ -151,17 +151,10 @@ def add_compare_parser(subparsers) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m rledit_plugin.compare ...`` = ``rledit compare ...``."""
-    from .cpu_kernels import pin_cpu_kernels
-    try:
-        pin_cpu_kernels()       # as `rledit` does: the same numbers on every CPU
-    except ValueError as e:
-        print(f"rledit compare: error: {e}", file=sys.stderr)
-        return 2
-    parser = argparse.ArgumentParser(prog="rledit")
-    add_compare_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["compare"] + list(sys.argv[1:] if argv is None else argv))
-    return int(args.func(args) or 0)
+    """``python -m rledit_plugin.compare ...`` = ``rledit compare ...`` (the same CPU-kernel pin
+    and input-error handling: cli.main)."""
+    from .cli import main as cli_main
+    return cli_main(["compare"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
