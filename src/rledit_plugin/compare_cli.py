@@ -7,7 +7,6 @@ model once, runs every algorithm on a fresh copy of it and writes the report
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
