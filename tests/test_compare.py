@@ -360,3 +360,59 @@ def test_statistics_damping_is_stored_apart_and_read_back(pristine, world, tmp_p
     torch.testing.assert_close(stat.mom2.moment().double(), expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="damping"):
         ms.damp_moment(total, -1.0)
+
+
+def test_rledit_without_statistics_measures_them_on_the_corpus_statements_too(pristine, world, tmp_path):
+    """An archive-less RLEdit measures its answer-position statistics on the training prompts
+    and, when the comparison knows them, the corpus's statements split before their object
+    (what `rledit train` does on the embedded world)."""
+    from rledit_plugin.core.whitening import compute_whitening, statistics_pairs, statistics_texts
+    from rledit_plugin.models import get_module
+    module = "transformer.h.1.mlp.c_proj"
+    yaml_path = tmp_path / "rledit.yaml"
+    yaml_path.write_text(f"alg_name: RLEdit\nrank: 8\nn_blocks: 1\nmax_length: 32\ninner_params: [{module}]\n"
+                         "key_whitening: true\nwhitening_damping: 0.05\nwhitening_answer_weight: 0.3\n")
+    model, tok = pristine
+    corpus, facts, train = world.corpus[:40], world.fact_pairs[:40], world.train_records[:4]
+    got = {}
+    for with_facts in (True, False):
+        comparison = compare.Comparison(work_dir=str(tmp_path / "w"), hparams={"RLEdit": str(yaml_path)},
+                                        corpus=corpus, train_records=train,
+                                        fact_pairs=facts if with_facts else None)
+        editor, _ = comparison.setup("RLEdit", model, tok)
+        got[with_facts] = editor.hypernet.whitening(module)
+    want = compute_whitening(model, tok, {module: get_module(model, module)}, statistics_texts(train, corpus),
+                             0.05, 32, answer_pairs=statistics_pairs(train, facts), answer_weight=0.3)[module]
+    torch.testing.assert_close(got[True], want)
+    assert (got[True] - got[False]).abs().max() > 1e-3 * want.abs().max()
+
+
+def test_cli_takes_the_world_of_the_model_name(pristine, world, tmp_path, monkeypatch):
+    """`--model embedded-tiny-gpt2-quick` compares on the quick world (its records, corpus and
+    statements), not the default one; `--corpus FILE` drops the world's statements."""
+    import argparse
+
+    from rledit_plugin import models
+
+    class Stop(Exception):
+        pass
+    seen = {}
+
+    def comparison(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+    monkeypatch.setattr(models, "embedded_world", lambda name: seen.setdefault("world", name) and world)
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pristine)
+    monkeypatch.setattr(compare_cli, "Comparison", comparison)
+    parser = argparse.ArgumentParser()
+    compare_cli.add_compare_parser(parser.add_subparsers(dest="command"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one text\n")
+    for extra, facts in (([], world.fact_pairs), (["--corpus", str(corpus)], None)):
+        seen.clear()
+        args = parser.parse_args(["compare", "--model", "embedded-tiny-gpt2-quick", "--out",
+                                  str(tmp_path / "out"), *extra])
+        with pytest.raises(Stop):
+            args.func(args)
+        assert seen["world"] == "embedded-tiny-gpt2-quick"
+        assert seen["train_records"] == world.train_records and seen["fact_pairs"] == facts

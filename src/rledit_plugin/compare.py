@@ -99,6 +99,7 @@ class Comparison:
     def __init__(self, *, work_dir: str, hparams: Optional[Mapping[str, str]] = None,
                  hparams_key: str = "tiny", model_dir: Optional[str] = None,
                  corpus: Optional[Sequence[str]] = None, train_records=None, val_records=None,
+                 fact_pairs: Optional[Sequence[Tuple[str, str]]] = None,
                  rledit_archive: Optional[str] = None, mend_archive: Optional[str] = None,
                  mend_overrides: Optional[Dict[str, Any]] = None, stats_dir: Optional[str] = None,
                  reuse_stats: bool = False, stats_damping: float = 1e-4):
@@ -106,6 +107,8 @@ class Comparison:
         self.hparams = {hparams_key_name(k): str(v) for k, v in (hparams or {}).items()}
         self.hparams_key, self.model_dir = hparams_key, model_dir
         self.corpus, self.train_records, self.val_records = corpus, train_records, val_records
+        # the corpus's statements split before their object, when known (the embedded world)
+        self.fact_pairs = fact_pairs
         self.rledit_archive, self.mend_archive = rledit_archive, mend_archive
         self.mend_overrides = dict(mend_overrides or {})
         self.stats_dir = stats_dir or str(self.work_dir / "stats")
@@ -164,9 +167,9 @@ class Comparison:
             history = read_meta(hp.archive).get("history") or []
             info["archive_training_last"] = history[-1] if history else None
         # an archive without key statistics measures them as `rledit train` does: on the
-        # corpus MEMIT's statistics use, then the training prompts
+        # corpus MEMIT's statistics use (and its statements' answers), then the training prompts
         texts = statistics_texts(self.train_records or (), self.corpus or ())
-        pairs = statistics_pairs(self.train_records or ())
+        pairs = statistics_pairs(self.train_records or (), self.fact_pairs or ())
         return RLEditor(model, tok, hp, keep_journal=False, whitening_texts=texts,
                         whitening_pairs=pairs), info
 

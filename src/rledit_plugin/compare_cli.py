@@ -47,7 +47,7 @@ def _hparams_overrides(items: Sequence[str]) -> Dict[str, str]:
 def cmd_compare(args) -> int:
     """``rledit compare``: load the model once, run every algorithm on a fresh copy, report."""
     from .data.formats import load_records
-    from .models import EMBEDDED_PREFIX, load_model_and_tokenizer
+    from .models import EMBEDDED_PREFIX, embedded_world, load_model_and_tokenizer
     try:
         algs = parse_algs(args.algs)
     except ValueError as e:
@@ -57,8 +57,7 @@ def cmd_compare(args) -> int:
     embedded = args.model.startswith(EMBEDDED_PREFIX)
     world = None
     if embedded or not (args.data and args.corpus and (args.mend_archive or args.mend_train)):
-        from .world import build_world
-        world = build_world()
+        world = embedded_world(args.model)     # the quick model's small world for its -quick name
     records = load_records(args.data, format=args.format) if args.data else world.eval_records
     pristine, pristine_tok = load_model_and_tokenizer(args.model, args.device)
     model_dir = getattr(pristine.config, "_name_or_path", "")
@@ -76,6 +75,7 @@ def cmd_compare(args) -> int:
         (world.train_records if world else None),
         val_records=load_records(args.mend_val) if args.mend_val else
         (world.val_records if world else None),
+        fact_pairs=world.fact_pairs if world and not args.corpus else None,
         rledit_archive=args.rledit_archive, mend_archive=args.mend_archive,
         mend_overrides={"max_iters": args.mend_iters} if args.mend_iters else None,
         stats_dir=args.stats_dir, reuse_stats=args.reuse_stats, stats_damping=args.stats_damping)
