@@ -8,7 +8,8 @@ from rledit_plugin.core.editor import RLEditor, norm_state
 from rledit_plugin.core.solve import ridge_dual
 from rledit_plugin.core.trainer import train_hypernetwork
 from rledit_plugin.core.whitening import (compute_whitening, key_second_moments, read_texts,
-                                          record_texts, statistics_texts, whitening_matrix)
+                                          record_answer_pairs, record_texts, statistics_texts,
+                                          whitening_matrix)
 from rledit_plugin.hparams import HParamsError, RLEditHyperParams, RLEditTrainingHyperParams
 from rledit_plugin.models import get_module
 
@@ -221,3 +222,32 @@ def test_moments_with_no_selected_position_fail_instead_of_nan(random_gpt2):
     assert torch.isfinite(got).all() and got.trace() > 0
     with pytest.raises(ValueError, match="no token position"):
         _moments_at(model, modules, [(ids, mask, torch.zeros_like(mask, dtype=torch.bool))])
+
+
+def test_statistics_threads_measure_the_moments_on_that_many_threads(random_gpt2, world):
+    model, tok = random_gpt2
+    records = world.train_records[:6]
+    seen = []
+    hook = get_module(model, MODULES[0]).register_forward_hook(
+        lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hp = RLEditHyperParams(inner_params=MODULES, rank=8, n_blocks=1, max_length=48,
+                               key_whitening=True, whitening_damping=0.05, whitening_answer_weight=0.3,
+                               statistics_threads=2)
+        two = RLEditor(model, tok, hp, whitening_texts=record_texts(records),
+                       whitening_pairs=record_answer_pairs(records)).hypernet.whitening(MODULES[0])
+        assert seen and set(seen) == {2}          # every statistics forward, both kinds
+        assert torch.get_num_threads() == 1       # the caller's count is back
+        seen.clear()
+        hp.statistics_threads = 0
+        one = RLEditor(model, tok, hp, whitening_texts=record_texts(records),
+                       whitening_pairs=record_answer_pairs(records)).hypernet.whitening(MODULES[0])
+        assert seen and set(seen) == {1}
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    with pytest.raises(HParamsError, match="statistics_threads"):
+        RLEditHyperParams(statistics_threads=-1).validate()

@@ -17,6 +17,7 @@ A library user who imports rledit_plugin is never pinned: that is the caller's p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import warnings
@@ -75,3 +76,25 @@ def cpu_kernels() -> str:
     tiny LM's cache key, since models pre-trained with different ones differ."""
     import torch
     return torch.backends.cpu.get_cpu_capability()
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int):
+    """Run the block on exactly ``n`` torch intra-op threads, whatever the caller set
+    (``n <= 0``: leave the caller's setting); the caller's count is restored after.
+
+    The thread count can change float reductions, so work whose result is kept (the tiny
+    LM's pre-training, the key statistics) runs on a fixed count that is part of its
+    configuration, never one chosen by machine load.  Two threads pre-train the default tiny
+    LM 1.5x faster per step than one on an idle 2-core machine (bench/bench_pretrain.py,
+    docs/TUNING.md section 12) and measure its key statistics 1.6x faster (section 16); on
+    cores shared with other busy processes, several threads per core can be far slower.
+    """
+    import torch
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

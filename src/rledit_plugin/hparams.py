@@ -157,6 +157,9 @@ class RLEditHyperParams(_YamlParams):
     # records' prompts, and the pre-training statements of the embedded tiny LM) at this
     # share of the all-token moment's trace; docs/TUNING.md section 14
     whitening_answer_weight: float = 0.0
+    # torch threads that measure the key statistics (> 0: exactly that many, restored after;
+    # 0: the caller's setting); editing and training keep theirs (docs/TUNING.md section 16)
+    statistics_threads: int = 0
     # > 0: the ridge also penalises changes along the keys of batches already applied, each
     # key weighted by this much (relative to one token of the key statistics with whitening,
     # to the identity without); core/memory.py
@@ -194,6 +197,8 @@ class RLEditHyperParams(_YamlParams):
             raise HParamsError(f"{source}: key 'whitening_answer_weight' must be >= 0 (0 = off)")
         if float(self.edit_memory) < 0:
             raise HParamsError(f"{source}: key 'edit_memory' must be >= 0 (0 = off)")
+        if int(self.statistics_threads) < 0:
+            raise HParamsError(f"{source}: key 'statistics_threads' must be >= 0 (0 = the caller's)")
         if self.settled_prob is not None and not 0.0 < float(self.settled_prob) <= 1.0:
             raise HParamsError(f"{source}: key 'settled_prob' must be in (0, 1] or null")
 

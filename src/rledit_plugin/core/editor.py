@@ -158,7 +158,8 @@ class RLEditor:
                              "it, 'whitening_texts' (a text file), or texts passed by the trainer")
         self.hypernet.set_whitening(compute_whitening(
             self.model, self.tok, self.modules, texts, hp.whitening_damping, hp.max_length,
-            answer_pairs=pairs, answer_weight=float(hp.whitening_answer_weight)))
+            answer_pairs=pairs, answer_weight=float(hp.whitening_answer_weight),
+            threads=int(hp.statistics_threads)))
 
     # -- the algorithm -------------------------------------------------
     @property

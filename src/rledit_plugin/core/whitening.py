@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..cpu_kernels import fixed_threads
 from ..data.records import EditRecord, batch_ids, pad_right, tokenize_teacher_forced
 
 
@@ -157,15 +158,18 @@ def mix_answer_moment(moment: Tensor, answers: Tensor, weight: float) -> Tensor:
 def compute_whitening(model: nn.Module, tok, modules: Mapping[str, nn.Module],
                       texts: Sequence[str], damping: float, max_length: int = 128,
                       progress: bool = False, answer_pairs: Optional[Sequence[Tuple[str, str]]] = None,
-                      answer_weight: float = 0.0) -> Dict[str, Tensor]:
+                      answer_weight: float = 0.0, threads: int = 0) -> Dict[str, Tensor]:
     """Whitening matrix per edited module from ``texts`` (every token) and, with
-    ``answer_weight > 0``, the positions of ``answer_pairs`` that predict an answer."""
-    moments = key_second_moments(model, tok, modules, texts, max_length=max_length, progress=progress)
-    if answer_weight > 0:
-        if not answer_pairs:
-            raise ValueError("whitening_answer_weight > 0 needs (prompt, answer) pairs: train with "
-                             "records (rledit train) or set whitening_answer_weight: 0")
-        answers = answer_second_moments(model, tok, modules, answer_pairs, max_length=max_length)
+    ``answer_weight > 0``, the positions of ``answer_pairs`` that predict an answer.
+    ``threads > 0``: the moments are measured on exactly that many torch threads."""
+    if answer_weight > 0 and not answer_pairs:
+        raise ValueError("whitening_answer_weight > 0 needs (prompt, answer) pairs: train with "
+                         "records (rledit train) or set whitening_answer_weight: 0")
+    with fixed_threads(threads):
+        moments = key_second_moments(model, tok, modules, texts, max_length=max_length, progress=progress)
+        answers = (answer_second_moments(model, tok, modules, answer_pairs, max_length=max_length)
+                   if answer_weight > 0 else None)
+    if answers is not None:
         moments = {n: mix_answer_moment(m, answers[n], answer_weight) for n, m in moments.items()}
     return {n: whitening_matrix(m, damping) for n, m in moments.items()}
 

@@ -1,11 +1,10 @@
 """Pre-training of the tiny LM: the corpus as token lines, length buckets, the loop.
 
 Kept apart from ``tiny_lm`` (config, tokenizer, model, cache), which sets up the
-optimiser and calls :func:`train_loop` inside :func:`fixed_threads`.
+optimiser and calls :func:`train_loop` on a fixed thread count (``cpu_kernels.fixed_threads``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Dict, List, Optional, Tuple
@@ -13,27 +12,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .facts import World
-
-
-@contextlib.contextmanager
-def fixed_threads(n: int):
-    """Pre-training runs on exactly ``n`` intra-op threads, whatever the caller set.
-
-    The thread count changes float reductions, so a model pre-trained on two threads differs
-    from one pre-trained on one (and so does every number measured on it): the count is part
-    of :class:`~.tiny_lm.TinyLMConfig` (and of the cache key), never chosen by machine load,
-    which made two runs of the same command disagree.  Two threads are the default because
-    the product's machine has two cores: on an idle one they take a step 1.5x faster than one
-    thread (bench/bench_pretrain.py) and pre-trained section 12's default tiny LM in 422 s
-    instead of 970 s (docs/TUNING.md section 12).  On cores shared with other busy processes,
-    several threads per core can be far slower than one.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def encode_corpus(world: World, tok) -> List[Tuple[List[int], List[bool], List[bool]]]:

@@ -25,7 +25,8 @@ import torch
 from ..cpu_kernels import cpu_kernels
 from ..data.records import IGNORE_INDEX, EditRecord, tokenize_teacher_forced
 from .facts import SPLITS, World, build_world
-from .pretrain import LRSchedule, encode_corpus, fixed_threads, length_buckets, train_loop
+from ..cpu_kernels import fixed_threads
+from .pretrain import LRSchedule, encode_corpus, length_buckets, train_loop
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -75,7 +76,7 @@ class TinyLMConfig:
     decay_accuracy: float = 0.9
     decay_epochs: int = 3
     # Intra-op threads of the pre-training: a fixed number, so the same command gives the same
-    # model on a busy or an idle machine (see pretrain.fixed_threads).
+    # model on a busy or an idle machine (see cpu_kernels.fixed_threads).
     threads: int = 2
     # GPT-2's activation and the optimiser's kernels.  The fused ones ("gelu_pytorch_tanh", the
     # fused AdamW) compute the same functions ~1.2x faster per step, yet the three tiny LMs they
