@@ -109,6 +109,21 @@ def test_token_metrics_match_brute_force(lm):
     assert not model.training
 
 
+def test_scoring_batches_carry_no_padding(lm, monkeypatch):
+    """Pairs are batched by token length: every forward gets an all-ones mask (no 4-D padding
+    mask to build), and each pair's numbers are those of scoring it alone, bit for bit."""
+    from rledit_plugin.evaluation import metrics
+    model, tok = lm
+    masks, real = [], metrics.answer_logits
+    monkeypatch.setattr(metrics, "answer_logits",
+                        lambda m, ids, mask, rows, *a: masks.append(mask) or real(m, ids, mask, rows, *a))
+    batched = metrics.answer_stats(model, tok, PROMPTS, ANSWERS, batch_size=4)
+    assert masks and all(bool(m.all()) for m in masks)
+    assert sum(m.shape[0] for m in masks) == len(PROMPTS)
+    alone = [metrics.answer_stats(model, tok, [p], [a])[0] for p, a in zip(PROMPTS, ANSWERS)]
+    assert batched == alone
+
+
 def test_greedy_generate_matches_hf_generate(lm):
     model, tok = lm
     prompts = PROMPTS[:4]

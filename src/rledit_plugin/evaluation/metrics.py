@@ -59,6 +59,18 @@ def _batches_by_length(lengths: Sequence[int], batch_size: int) -> List[List[int
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _same_length_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
+    """Index batches whose members all have the same length (no padding), shortest first;
+    every index appears once, in its original order within its length."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: Dict[int, List[int]] = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(length, []).append(i)
+    return [members[i:i + batch_size] for _, members in sorted(groups.items())
+            for i in range(0, len(members), batch_size)]
+
+
 def _prompt_ids(tok, prompt: str) -> List[int]:
     return tok(prompt.rstrip(), add_special_tokens=True)["input_ids"]
 
@@ -77,21 +89,30 @@ class AnswerStats:
 
 def answer_stats(model: nn.Module, tok, prompts: Sequence[str], answers: Sequence[str],
                  batch_size: int = 32, max_length: int = 128) -> List[AnswerStats]:
-    """Argmax tokens, gold tokens and whole-answer log-probability for each pair."""
+    """Argmax tokens, gold tokens and whole-answer log-probability for each pair.
+
+    Pairs are batched only with pairs of the same token length, so no batch has padding:
+    the model gets an all-ones mask, which Hugging Face models turn into their plain causal
+    attention instead of building a 4-D padding mask per forward (a fifth of the scoring
+    time of the embedded default); exact for any causal LM (no position-id bookkeeping).
+    """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     results: List[Optional[AnswerStats]] = [None] * len(prompts)
+    if not prompts:
+        return []
     device = model_device(model)
-    # Character length is a good enough proxy to group similar token lengths.
-    lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
+    encoded = tokenize_teacher_forced(tok, prompts, answers, max_length)
+    lengths = encoded["attention_mask"].sum(1).tolist()
     with _scoring(model):
-        for idx in _batches_by_length(lengths, batch_size):
-            batch = tokenize_teacher_forced(tok, [prompts[i] for i in idx],
-                                            [answers[i] for i in idx], max_length, device)
-            rows = answer_positions(batch["labels"])  # position j predicts token j + 1
-            picked = answer_logits(model, batch["input_ids"], batch["attention_mask"],
+        for idx in _same_length_batches(lengths, batch_size):
+            length = lengths[idx[0]]
+            input_ids = encoded["input_ids"][idx, :length].to(device)
+            labels = encoded["labels"][idx, :length].to(device)
+            rows = answer_positions(labels)  # position j predicts token j + 1
+            picked = answer_logits(model, input_ids, torch.ones_like(input_ids),
                                    rows).float()          # (answer tokens, vocab)
-            gold = answer_targets(batch["labels"])
+            gold = answer_targets(labels)
             logp = picked.log_softmax(-1).gather(1, gold[:, None]).squeeze(1)
             pred = picked.argmax(-1)
             counts = rows.sum(1).tolist()
@@ -131,23 +152,18 @@ def greedy_generate(model: nn.Module, tok, prompts: Sequence[str], max_new_token
         raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} lengths")
     device = model_device(model)
     encoded = [_prompt_ids(tok, p)[-max_length:] for p in prompts]
-    groups: Dict[int, List[int]] = {}
-    for i, ids in enumerate(encoded):
-        groups.setdefault(len(ids), []).append(i)
     out: List[List[int]] = [[] for _ in prompts]
     with _scoring(model):
-        for members in groups.values():
-            for start in range(0, len(members), batch_size):
-                idx = members[start:start + batch_size]
-                steps = max(max_new_tokens[i] for i in idx)
-                ids = torch.tensor([encoded[i] for i in idx], dtype=torch.long, device=device)
-                for _ in range(steps):
-                    logits = _forward_logits(model, ids, torch.ones_like(ids))
-                    nxt = logits[:, -1].argmax(-1, keepdim=True)
-                    ids = torch.cat([ids, nxt], dim=1)
-                new = ids[:, ids.shape[1] - steps:].cpu().tolist()
-                for i, row in zip(idx, new):
-                    out[i] = row[:max_new_tokens[i]]
+        for idx in _same_length_batches([len(ids) for ids in encoded], batch_size):
+            steps = max(max_new_tokens[i] for i in idx)
+            ids = torch.tensor([encoded[i] for i in idx], dtype=torch.long, device=device)
+            for _ in range(steps):
+                logits = _forward_logits(model, ids, torch.ones_like(ids))
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], dim=1)
+            new = ids[:, ids.shape[1] - steps:].cpu().tolist()
+            for i, row in zip(idx, new):
+                out[i] = row[:max_new_tokens[i]]
     return out
 
 
