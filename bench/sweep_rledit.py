@@ -13,6 +13,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import itertools
 import json
 import time
 
@@ -45,9 +46,27 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
+def memoise_key_moments() -> None:
+    """Measure the key statistics once per process: every configuration loads the same
+    pre-trained model afresh, so its moments over the same texts are the same (only the
+    damping and the answer weight, applied afterwards, differ between configurations)."""
+    from rledit_plugin.core import whitening
+    for fn_name in ("key_second_moments", "answer_second_moments"):
+        fn, memo = getattr(whitening, fn_name), {}
+
+        def cached(model, tok, modules, data, *a, _fn=fn, _memo=memo, **kw):
+            key = (tuple(modules), len(data), hash(tuple(map(str, data))), repr(a), repr(sorted(kw.items())))
+            if key not in _memo:
+                _memo[key] = _fn(model, tok, modules, data, *a, **kw)
+            return _memo[key]
+        setattr(whitening, fn_name, cached)
+
+
 def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: str, model_name=None,
-            stats: str = "corpus+records"):
-    """Train once (unless n_trajectories=0), then one scored stream per entry of ``turns_list``."""
+            stats: str = "corpus+records", edit_configs=("",)):
+    """Train once (unless n_trajectories=0), then one scored stream per entry of ``turns_list``
+    and of ``edit_configs`` (editing-time overrides, e.g. ``edit_memory=3e-4``, applied to the
+    same trained hypernetwork; "" scores it as trained)."""
     texts = (statistics_texts(world.train_records, world.corpus) if stats == "corpus+records"
              else record_texts(world.train_records))
     pairs = statistics_pairs(world.train_records, world.fact_pairs if stats == "corpus+records" else ())
@@ -68,13 +87,18 @@ def run_one(base: str, overrides: dict, world, turns_list, batch: int, split: st
     train_s = time.perf_counter() - start
     records = world.val_records if split == "val" else world.eval_records
     rows = []
-    for turns in turns_list:
-        editor = RLEditor(model, tok, hp.editing(), hypernet=copy.deepcopy(net) if net else None,
+    for edit_text, turns in itertools.product(edit_configs, turns_list):
+        edit_hp = hp.editing()
+        for key, value in parse_overrides(edit_text).items():
+            setattr(edit_hp, key, value)
+        edit_hp.validate(f"{base} + {edit_text}")
+        editor = RLEditor(model, tok, edit_hp, hypernet=copy.deepcopy(net) if net else None,
                           keep_journal=False, whitening_texts=texts, whitening_pairs=pairs)
         result = run_stream(editor, model, tok, records, turns=turns, batch_size=batch,
                             heldout_texts=world.heldout_corpus[:200], progress=False)
         editor.restore()
-        rows.append({"overrides": overrides, "stats": stats, "turns": turns, "batch": batch,
+        rows.append({"overrides": overrides, "edit_overrides": edit_text, "stats": stats,
+                     "turns": turns, "batch": batch,
                      "train_seconds": round(train_s, 1),
                      "seconds_per_edit": result["timing"]["seconds_per_edit"],
                      **{k: result["post"].get(k) for k in KEYS},
@@ -122,6 +146,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--base", default="hparams/TRAINING/RLEdit/tiny.yaml")
     ap.add_argument("--config", action="append", required=True)
+    ap.add_argument("--edit-config", action="append", default=None,
+                    help="editing-time overrides scored on each trained hypernetwork (repeat; "
+                         "'' = as trained, the default)")
     ap.add_argument("--turns", default="20", help="stream length(s), comma-separated: one trained "
                     "hypernetwork is scored on each")
     ap.add_argument("--batch", type=int, default=20)
@@ -139,19 +166,20 @@ def main():
         torch.set_num_threads(args.threads)
     world = build_world(WorldConfig(**parse_overrides(args.world)))
     turns_list = [int(t) for t in str(args.turns).split(",")]
+    memoise_key_moments()
     rows = []
     for text in args.config:
         for row in run_one(args.base, parse_overrides(text), world, turns_list, args.batch, args.split,
-                           args.model, args.stats):
+                           args.model, args.stats, args.edit_config or ("",)):
             rows.append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
         json.dump({"turns": turns_list, "batch": args.batch, "rows": rows}, f, indent=2)
-    print("| config | edits | train s | eff | gen | spec_vs_unedited | gen_em | ppl |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | editing | edits | train s | eff | gen | spec_vs_unedited | gen_em | ppl |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     for r in rows:
-        print(f"| `{r['overrides']}` | {r['turns'] * r['batch']} | {r['train_seconds']} | {fmt(r['efficacy'])} | {fmt(r['generalization'])} | "
+        print(f"| `{r['overrides']}` | `{r['edit_overrides']}` | {r['turns'] * r['batch']} | {r['train_seconds']} | {fmt(r['efficacy'])} | {fmt(r['generalization'])} | "
               f"{fmt(r['specificity_vs_unedited'])} | {fmt(r['generation_em'])} | {fmt(r['perplexity'])} |")
 
 
