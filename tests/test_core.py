@@ -15,7 +15,7 @@ from rledit_plugin.core.trainer import SequenceTrainer, train_hypernetwork
 from rledit_plugin.core.whitening import record_texts
 from rledit_plugin.data.records import (answer_positions, edit_batch, locality_batch,
                                         paraphrase_batch)
-from rledit_plugin.hparams import RLEditHyperParams, RLEditTrainingHyperParams
+from rledit_plugin.hparams import HParamsError, RLEditHyperParams, RLEditTrainingHyperParams
 from rledit_plugin.models import get_module, is_conv1d, weight_view
 
 GPT2_MODULES = ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
@@ -415,3 +415,44 @@ def test_locality_reference_is_the_pre_step_or_the_initial_model(random_gpt2, wo
             torch.testing.assert_close(ref, pristine[t])
         else:
             assert (ref - pristine[t]).abs().max() > 1e-4
+
+
+def test_continued_trajectories_start_where_the_last_one_ended(random_gpt2, world, tmp_path):
+    """``trajectory_start: continue``: trajectory 2 begins on the weights and edit memory that
+    trajectory 1 left (not W_0), draws records trajectory 1 did not edit, and the model
+    handed back after training is the pristine one."""
+    model, tok = random_gpt2
+    model = copy.deepcopy(model)
+    pristine = copy.deepcopy(model)
+    hp = _train_hp(GPT2_MODULES, tmp_path, trajectory_start="continue", key_whitening=True,
+                   edit_memory=0.5, n_val=0)
+    trainer = SequenceTrainer(model, tok, hp, progress=False,
+                              whitening_texts=record_texts(world.train_records[:30]))
+    drawn, starts, ends = [], [], []
+    real_trajectory, real_edit = trainer._trajectory, trainer.editor.edit_rounds
+
+    def trajectory(records):
+        drawn.append(real_trajectory(records))
+        return drawn[-1]
+
+    def edit_rounds(records, update_norm=None):
+        if records is drawn[-1][0]:
+            starts.append(trainer.editor.edit_state())
+        out = real_edit(records, update_norm)
+        if records is drawn[-1][-1]:
+            ends.append(trainer.editor.edit_state())
+        return out
+    trainer._trajectory, trainer.editor.edit_rounds = trajectory, edit_rounds
+    for _ in range(2):
+        trainer.run_trajectory(world.train_records[:30])
+    prompts = [{r.prompt for batch in trajectory for r in batch} for trajectory in drawn]
+    assert len(prompts[0]) == len(prompts[1]) == 6 and not prompts[0] & prompts[1]   # no repeats
+    name = GPT2_MODULES[0]
+    w0 = dict(pristine.named_parameters())[f"{name}.weight"]
+    assert torch.equal(starts[0]["weights"][name], w0)
+    assert not torch.equal(ends[0]["weights"][name], w0)
+    assert torch.equal(starts[1]["weights"][name], ends[0]["weights"][name])
+    torch.testing.assert_close(starts[1]["memory"][name], ends[0]["memory"][name], rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
+    with pytest.raises(HParamsError, match="trajectory_start"):
+        _train_hp(GPT2_MODULES, tmp_path, trajectory_start="resume").validate()

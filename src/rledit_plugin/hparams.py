@@ -217,6 +217,9 @@ class RLEditTrainingHyperParams(RLEditHyperParams):
     meta_lr: float = 1e-5
     loc_coef: float = 0.6
     loc_reference: str = "step"  # KL against "step": W_{t-1} (the paper); "initial": W_0 of the trajectory
+    # "pristine": every trajectory edits W_0 (the paper); "continue": each starts where the
+    # last one ended, so trajectory i trains on a model that already holds (i-1) x T x n edits
+    trajectory_start: str = "pristine"
     reg_coef: float = 1e-4
     reg_mode: str = "paper"      # "paper": real gradient; "reference": inert as in the reference code
     time_decay: float = 0.95
@@ -232,6 +235,8 @@ class RLEditTrainingHyperParams(RLEditHyperParams):
             raise HParamsError(f"{source}: key 'reg_mode' must be 'paper' or 'reference'")
         if self.loc_reference not in ("step", "initial"):
             raise HParamsError(f"{source}: key 'loc_reference' must be 'step' or 'initial'")
+        if self.trajectory_start not in ("pristine", "continue"):
+            raise HParamsError(f"{source}: key 'trajectory_start' must be 'pristine' or 'continue'")
         for key in ("n_edits", "traj_len", "steps_per_trajectory", "back_depth", "loss_minibatch"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"{source}: key '{key}' must be >= 1")

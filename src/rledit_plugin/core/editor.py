@@ -326,6 +326,23 @@ class RLEditor:
         self.journal.clear()
         self._norm_history.clear()
 
+    def edit_state(self) -> dict:
+        """Copies of what the edits so far changed: the edited weights, their residuals and the
+        edit memory (not the normaliser, nor the journal); :meth:`load_edit_state` puts them back."""
+        with torch.no_grad():
+            return {"weights": {n: m.weight.detach().clone() for n, m in self.modules.items()},
+                    "residuals": {n: r.clone() for n, r in self._residuals.items() if r is not None},
+                    "memory": None if self.memory is None else self.memory.state()}
+
+    def load_edit_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                module.weight.copy_(state["weights"][name])
+            for name, residual in state["residuals"].items():
+                self._residuals[name].copy_(residual)
+        if self.memory is not None:
+            self.memory.load_state(state["memory"])
+
     def rollback(self, n: int = 1) -> None:
         """Undo the last ``n`` edit batches exactly: restore, then replay the rest in order."""
         if not self.keep_journal:

@@ -92,3 +92,11 @@ class EditMemory:
         """Back to ``P_0`` (the pristine weights' memory), in place: no new d_in x d_in buffers."""
         for name, now in self._now.items():
             now.copy_(self._start[name])          # copy_ converts dtype and device if they differ
+
+    def state(self) -> Dict[str, Tensor]:
+        """Copies of every module's current ``P_t``."""
+        return {name: now.clone() for name, now in self._now.items()}
+
+    def load_state(self, state: Dict[str, Tensor]) -> None:
+        for name, p in state.items():
+            self._now[name] = p.clone()

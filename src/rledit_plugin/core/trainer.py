@@ -86,17 +86,20 @@ class SequenceTrainer:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=hparams.meta_lr)
         self.rng = random.Random(hparams.seed)
         self._cache: Dict[int, _LossBatch] = {}
+        self._carried: Optional[dict] = None   # trajectory_start "continue": where the last one ended
+        self._unused: List[int] = []           # ... and the records it has not edited yet
 
     # -- data ----------------------------------------------------------
     def _trajectory(self, records: Sequence[EditRecord]) -> List[List[EditRecord]]:
         hp = self.hp
         need = hp.traj_len * hp.n_edits
-        order: List[int] = []
+        carry = hp.trajectory_start == "continue"
+        order: List[int] = self._unused if carry else []
         while len(order) < need:  # reshuffle and wrap when the train set is smaller than T x n
             idx = list(range(len(records)))
             self.rng.shuffle(idx)
             order += idx
-        order = order[:need]
+        order, self._unused = order[:need], (order[need:] if carry else [])
         return [[records[i] for i in order[t * hp.n_edits:(t + 1) * hp.n_edits]]
                 for t in range(hp.traj_len)]
 
@@ -191,6 +194,8 @@ class SequenceTrainer:
         batches = self._trajectory(records)
         self._cache.clear()
         self.editor.restore(normaliser=False)           # W_0; the normaliser keeps its history
+        if self._carried is not None:                   # trajectory_start "continue"
+            self.editor.load_edit_state(self._carried)
         seg = max(1, math.ceil(hp.traj_len / hp.steps_per_trajectory))
         totals = {"gen": 0.0, "loc": 0.0, "reg": 0.0, "edit_loss": 0.0, "grad_norm": 0.0, "steps": 0}
         initial = None
@@ -216,6 +221,8 @@ class SequenceTrainer:
         for key in ("gen", "loc", "reg", "edit_loss"):
             totals[key] /= hp.traj_len
         totals["grad_norm"] /= max(1, totals["steps"])
+        if hp.trajectory_start == "continue":
+            self._carried = self.editor.edit_state()
         self.editor.restore(normaliser=False)
         return totals
 
