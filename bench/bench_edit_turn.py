@@ -50,7 +50,7 @@ except ImportError:  # run from a checkout without installing
 from rledit_plugin.core.capture import answer_token_loss, capture  # noqa: E402
 from rledit_plugin.core.editor import RLEditor  # noqa: E402
 from rledit_plugin.core.solve import factor_gram, ridge_dual  # noqa: E402
-from rledit_plugin.core.whitening import record_texts  # noqa: E402
+from rledit_plugin.core.whitening import record_answer_pairs, record_texts  # noqa: E402
 from rledit_plugin.data.records import edit_batch  # noqa: E402
 from rledit_plugin.hparams import RLEditHyperParams  # noqa: E402
 from rledit_plugin.kernels import apply_low_rank_  # noqa: E402
@@ -209,7 +209,8 @@ def bench_setup(name: str, device: str, n_records: int, repeats: int, warmup: in
     # key statistics as `rledit train` gathers them (record_texts of training records); a
     # subset: the statistics' quality does not change the cost of a turn
     texts = record_texts(world.train_records[:whitening_records]) if hp.key_whitening else None
-    editor = RLEditor(model, tok, hp, keep_journal=False, whitening_texts=texts)
+    pairs = record_answer_pairs(world.train_records[:whitening_records]) if hp.key_whitening else None
+    editor = RLEditor(model, tok, hp, keep_journal=False, whitening_texts=texts, whitening_pairs=pairs)
     dev = model_device(model)
     batch = edit_batch(tok, records, hp.max_length, device=dev)
     flags = {id(p): p.requires_grad for p in model.parameters()}
