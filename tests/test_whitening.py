@@ -178,6 +178,25 @@ def test_answer_moment_equals_brute_force_at_the_positions_that_predict_the_answ
     torch.testing.assert_close(got, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
 
 
+def test_answer_pairs_are_what_the_model_knows_not_what_edits_write(world):
+    """Each prompt with its true answer and the locality prompts with theirs; never a new
+    target or a paraphrase (those are the edits), and a record without a true answer gives
+    its locality pairs only."""
+    from dataclasses import replace
+
+    from rledit_plugin.core.whitening import record_answer_pairs
+    records = world.train_records[:5]
+    assert all(r.target_true and r.paraphrases and r.locality_prompts for r in records)
+    no_true = replace(records[0], prompt="Quellor lives in", target_true=None, uid="no-true",
+                      locality_prompts=["Quellor works as a"], locality_answers=["baker"])
+    pairs = record_answer_pairs(records + [no_true])
+    want = list(dict.fromkeys(p for r in records for p in
+                              [(r.prompt, r.target_true), *zip(r.locality_prompts, r.locality_answers)]))
+    assert pairs == want + [("Quellor works as a", "baker")]
+    assert not {(r.prompt, r.target_new) for r in records} & set(pairs)
+    assert not {(p, r.target_new) for r in records for p in r.paraphrases} & set(pairs)
+
+
 def test_answer_weight_mixes_the_moments_and_reaches_the_trainer(random_gpt2, world, tmp_path):
     from rledit_plugin.cli import _key_statistics
     from rledit_plugin.core.whitening import (answer_second_moments, mix_answer_moment,
