@@ -41,11 +41,12 @@ def test_quick_training_yaml_differs_from_the_default_only_where_it_means_to():
     default = RLEditTrainingHyperParams.from_hparams(os.path.join(path, "tiny.yaml")).to_dict()
     quick = RLEditTrainingHyperParams.from_hparams(os.path.join(path, "tiny-quick.yaml")).to_dict()
     changed = {k for k in default if default[k] != quick[k]}
-    # the quick demo's model keeps four rounds (docs/TUNING.md section 10); both weigh the answer
-    # positions in their key statistics alike (section 14)
+    # the quick demo's model keeps four rounds (docs/TUNING.md section 10) and section 14's answer
+    # weight and edit memory: section 17's values were measured on the default's model only
     assert changed == {"model_name", "init_lr", "whitening_damping", "n_trajectories", "results_dir",
-                       "edit_steps"}
-    assert quick["whitening_answer_weight"] == default["whitening_answer_weight"] > 0
+                       "edit_steps", "whitening_answer_weight", "edit_memory"}
+    assert default["whitening_answer_weight"] > quick["whitening_answer_weight"] > 0
+    assert default["edit_memory"] > quick["edit_memory"] > 0
     assert quick["model_name"] == default["model_name"] + "-quick"
 
 
